@@ -1,0 +1,55 @@
+"""The one interface every model family implements for the chunked engine.
+
+A model is a list of *members* (one for a single network, several for a demucs bag of
+models). Each member separates a fixed-size chunk; the engine (``handler.separate``) does the
+chunking, overlap-add and member/shift averaging, so it is shared by every family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+VOCALS = "vocals"
+INSTRUMENTAL = "instrumental"
+
+
+@dataclass
+class Member:
+    """One network of a model.
+
+    forward: (batch, audio_channels, valid_length(n)) -> (batch, sources, audio_channels, same).
+    segment_length: chunk length in samples at the model's rate (before overlap).
+    valid_length: input length the network wants for a chunk of ``n`` real samples; the chunk
+        is centred in that window with the neighbouring audio (as demucs's ``TensorChunk.padded``).
+    weights: per-source weight of this member in the bag (demucs bag semantics).
+    """
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    segment_length: int
+    valid_length: Callable[[int], int]
+    weights: list[float]
+    module: torch.nn.Module | None = None
+    # HTDemucs always runs on its full training window, whatever the chunk's real length.
+    pad_to_segment: bool = False
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    sources: list[str]
+    samplerate: int
+    audio_channels: int
+    members: list[Member]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def stems(self) -> list[str]:
+        """Names a caller may ask for: the model's sources plus ``instrumental`` when the model
+        has a vocals source (instrumental = the sum of every other source)."""
+        names = list(self.sources)
+        if VOCALS in self.sources and INSTRUMENTAL not in names:
+            names.insert(0, INSTRUMENTAL)
+        return names

@@ -1,0 +1,300 @@
+"""The chunked separation engine: streaming weighted overlap-add, as demucs's ``apply_model``.
+
+demucs holds the whole track and all stems in memory; this engine consumes decoded blocks and
+emits finished output as soon as no later chunk can touch it, so memory is bounded by a few
+chunks whatever the track's length. The arithmetic is demucs's own (same chunk offsets,
+centred context padding, triangular crossfade weights, shift trick, bag weights), so for the
+same model and shift offsets the output equals ``apply_model``'s to float rounding.
+
+Each (member, shift) pair is a *lane*: an independent overlap-add over the shared input.
+Lanes finish samples at their own pace; the combiner emits what every lane has finished.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import Cancelled
+from .models.base import LoadedModel, Member
+
+
+@dataclass
+class EngineOptions:
+    shifts: int = 1  # demucs's shift trick: random offsets in [0, 0.5 s], predictions averaged
+    overlap: float = 0.25
+    segment: float | None = None  # seconds per chunk; None = each network's own
+    transition_power: float = 1.0
+    batch_size: int = 1  # chunks per forward pass
+    seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
+    shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def crossfade_weight(segment_length: int, transition_power: float) -> torch.Tensor:
+    """demucs's triangle: maximal in the middle of a chunk, normalised, to a power."""
+    half = segment_length // 2
+    weight = torch.cat(
+        [torch.arange(1, half + 1), torch.arange(segment_length - half, 0, -1)]
+    ).float()
+    return (weight / weight.max()) ** transition_power
+
+
+class _Lane:
+    def __init__(self, member: Member, prefix: int, segment_length: int, opts: EngineOptions):
+        self.member = member
+        self.prefix = prefix  # zeros before the input (the shift trick)
+        self.seg = segment_length
+        self.stride = int((1 - opts.overlap) * segment_length)
+        if self.stride <= 0:
+            raise ValueError("overlap leaves no stride")
+        self.weight = crossfade_weight(segment_length, opts.transition_power)
+        self.valid_full = self._valid(segment_length)
+        self.offset = 0  # next chunk's start, lane coordinates
+        self.emitted = 0  # lane samples handed to the combiner
+        self.acc: torch.Tensor | None = None  # (S, C, n) weighted sum from acc_start
+        self.sumw: torch.Tensor | None = None
+        self.acc_start = 0
+        self.done = False
+        self.chunks_done = 0
+
+    def _valid(self, chunk_length: int) -> int:
+        if self.member.pad_to_segment:
+            return self.seg
+        return int(self.member.valid_length(chunk_length))
+
+    def window(self, total: int | None, available: int) -> tuple[int, int, int] | None:
+        """(start, valid, chunk_length) of the next chunk in lane coordinates, or None if the
+        input needed for it has not been decoded yet. ``total``: input length once known."""
+        lane_total = None if total is None else total + self.prefix
+        if lane_total is not None:
+            if self.offset >= lane_total:
+                return None
+            chunk = min(self.seg, lane_total - self.offset)
+        else:
+            chunk = self.seg
+        valid = self._valid(chunk) if chunk != self.seg else self.valid_full
+        start = self.offset - (valid - chunk) // 2
+        if lane_total is None and available + self.prefix < start + valid:
+            return None
+        return start, valid, chunk
+
+    def lane_total(self, total: int) -> int:
+        return total + self.prefix
+
+    def chunks_total(self, total: int) -> int:
+        return -(-self.lane_total(total) // self.stride)
+
+
+class Separator:
+    """Streams (C, n) float32 blocks through a LoadedModel; yields (S, C, n) float32 blocks."""
+
+    def __init__(self, model: LoadedModel, opts: EngineOptions | None = None):
+        self.model = model
+        self.opts = opts or EngineOptions()
+        o = self.opts
+        if not 0 <= o.overlap < 1:
+            raise ValueError("overlap must be in [0, 1)")
+        rng = random.Random(o.seed)
+        max_shift = int(0.5 * model.samplerate)
+        offsets = iter(o.shift_offsets or [])
+        self.lanes: list[_Lane] = []
+        self.coefs: list[torch.Tensor] = []  # per lane, per source: bag weight / shifts
+        nsrc = len(model.sources)
+        totals = [sum(m.weights[k] for m in model.members) for k in range(nsrc)]
+        for member in model.members:
+            seg = member.segment_length
+            if o.segment is not None:
+                seg = int(o.segment * model.samplerate)
+            for _ in range(max(1, o.shifts)):
+                prefix = 0
+                if o.shifts:
+                    offset = next(offsets, None)
+                    if offset is None:
+                        offset = rng.randint(0, max_shift)
+                    prefix = max_shift - offset
+                self.lanes.append(_Lane(member, prefix, seg, o))
+                coef = [member.weights[k] / totals[k] / max(1, o.shifts) for k in range(nsrc)]
+                self.coefs.append(torch.tensor(coef, dtype=torch.float32).view(nsrc, 1, 1))
+
+    # -- public -------------------------------------------------------------------------------
+    def run(
+        self,
+        blocks: Iterable[np.ndarray],
+        *,
+        expected_samples: int | None = None,
+        progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[np.ndarray]:
+        channels = self.model.audio_channels
+        source = iter(blocks)
+        inbuf = np.zeros((channels, 0), np.float32)
+        in_start = 0  # input position of inbuf[:, 0]
+        total: int | None = None
+        lane_out: list[list[torch.Tensor]] = [[] for _ in self.lanes]  # input coordinates
+        lane_pos = [0] * len(self.lanes)  # input samples each lane has delivered
+        combined_pos = 0
+
+        def total_chunks() -> int:
+            n = total if total is not None else max(expected_samples or 0, in_start + inbuf.shape[1])
+            return sum(lane.chunks_total(n) for lane in self.lanes)
+
+        while True:
+            if should_stop is not None and should_stop():
+                raise Cancelled("the job was cancelled")
+            available = in_start + inbuf.shape[1]
+            batch = self._next_batch(total, available)
+            if batch is None:
+                if total is None:
+                    block = next(source, None)
+                    if block is None:
+                        total = available
+                    else:
+                        if block.shape[0] != channels:
+                            raise ValueError(f"expected {channels} channels, got {block.shape[0]}")
+                        inbuf = np.concatenate([inbuf, block.astype(np.float32, copy=False)], 1)
+                    continue
+                break  # every lane is done
+            lane_idx, windows = batch
+            lane = self.lanes[lane_idx]
+            x = torch.from_numpy(
+                np.stack([self._slice(inbuf, in_start, total, lane, s, v) for s, v, _ in windows])
+            )
+            out = self._forward(lane.member, x)
+            for (start, valid, chunk), y in zip(windows, out):
+                trim = (valid - chunk) // 2
+                self._accumulate(lane, y[..., trim:trim + chunk], chunk)
+                lane.offset += lane.stride
+                lane.chunks_done += 1
+            finished = self._finish(lane, total)
+            if finished is not None:
+                lane_out[lane_idx].append(finished)
+                lane_pos[lane_idx] += finished.shape[-1]
+            if progress is not None:
+                progress(sum(la.chunks_done for la in self.lanes), total_chunks())
+            # Combine what every lane has finished, and drop input no lane needs any more.
+            ready = min(lane_pos)
+            if ready > combined_pos:
+                yield self._combine(lane_out, ready - combined_pos)
+                combined_pos = ready
+            keep_from = min(la.offset - la.valid_full - la.prefix for la in self.lanes)
+            if keep_from > in_start:
+                drop = min(keep_from - in_start, inbuf.shape[1])
+                inbuf = inbuf[:, drop:]
+                in_start += drop
+
+    # -- internals ----------------------------------------------------------------------------
+    def _next_batch(
+        self, total: int | None, available: int
+    ) -> tuple[int, list[tuple[int, int, int]]] | None:
+        """The lane furthest behind that can run, with up to batch_size of its chunks."""
+        order = sorted(
+            (i for i, la in enumerate(self.lanes) if not la.done),
+            key=lambda i: self.lanes[i].offset - self.lanes[i].prefix,
+        )
+        for i in order:
+            lane = self.lanes[i]
+            first = lane.window(total, available)
+            if first is None:
+                continue
+            windows = [first]
+            saved = lane.offset
+            while len(windows) < self.opts.batch_size:
+                lane.offset += lane.stride
+                nxt = lane.window(total, available)
+                if nxt is None or nxt[1] != first[1]:
+                    break
+                windows.append(nxt)
+            lane.offset = saved
+            return i, windows
+        return None
+
+    @staticmethod
+    def _slice(
+        inbuf: np.ndarray, in_start: int, total: int | None, lane: _Lane, start: int, valid: int
+    ) -> np.ndarray:
+        """Input [start, start+valid) in lane coordinates, zeros outside the track."""
+        a = start - lane.prefix - in_start
+        b = a + valid
+        out = np.zeros((inbuf.shape[0], valid), np.float32)
+        lo, hi = max(a, 0), min(b, inbuf.shape[1])
+        if total is not None:
+            hi = min(hi, total - in_start)
+        if hi > lo:
+            out[:, lo - a:hi - a] = inbuf[:, lo:hi]
+        return out
+
+    def _forward(self, member: Member, x: torch.Tensor) -> torch.Tensor:
+        device = self.model.device
+        autocast = (
+            torch.autocast(device.type, dtype=self.opts.autocast_dtype)
+            if self.opts.autocast_dtype is not None
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            y = member.forward(x.to(device))
+        return y.float().cpu()
+
+    @staticmethod
+    def _accumulate(lane: _Lane, y: torch.Tensor, chunk: int) -> None:
+        end = lane.offset + chunk
+        if lane.acc is None:
+            lane.acc = torch.zeros(*y.shape[:-1], 0)
+            lane.sumw = torch.zeros(0)
+            lane.acc_start = lane.offset
+        assert lane.sumw is not None
+        have = lane.acc_start + lane.acc.shape[-1]
+        if end > have:
+            lane.acc = torch.cat([lane.acc, torch.zeros(*y.shape[:-1], end - have)], -1)
+            lane.sumw = torch.cat([lane.sumw, torch.zeros(end - have)])
+        a = lane.offset - lane.acc_start
+        w = lane.weight[:chunk]
+        lane.acc[..., a:a + chunk] += w * y
+        lane.sumw[a:a + chunk] += w
+
+    @staticmethod
+    def _finish(lane: _Lane, total: int | None) -> torch.Tensor | None:
+        """Samples no later chunk can touch, normalised and mapped to input coordinates."""
+        if total is not None and lane.offset >= lane.lane_total(total):
+            end = lane.lane_total(total)
+            lane.done = True
+        else:
+            end = lane.offset  # the next chunk starts here
+        if end <= lane.emitted or lane.acc is None or lane.sumw is None:
+            return None
+        a, b = lane.emitted - lane.acc_start, end - lane.acc_start
+        out = lane.acc[..., a:b] / lane.sumw[a:b]
+        lane.acc = lane.acc[..., b:]
+        lane.sumw = lane.sumw[b:]
+        lane.acc_start = end
+        skip = max(0, lane.prefix - lane.emitted)  # shift trick: drop the zero prefix
+        lane.emitted = end
+        return out[..., skip:] if skip < out.shape[-1] else None
+
+    def _combine(self, lane_out: list[list[torch.Tensor]], n: int) -> np.ndarray:
+        mix: torch.Tensor | None = None
+        for i, parts in enumerate(lane_out):
+            joined = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+            head, rest = joined[..., :n], joined[..., n:]
+            lane_out[i] = [rest] if rest.shape[-1] else []
+            term = self.coefs[i] * head
+            mix = term if mix is None else mix + term
+        assert mix is not None
+        return mix.numpy()
+
+
+def separate_array(
+    model: LoadedModel, mix: np.ndarray, opts: EngineOptions | None = None, block: int = 220500
+) -> np.ndarray:
+    """Whole-array convenience (tests, small clips): (C, n) -> (S, C, n)."""
+    blocks = (mix[:, i:i + block] for i in range(0, mix.shape[1], block))
+    parts = list(Separator(model, opts).run(blocks, expected_samples=mix.shape[1]))
+    return np.concatenate(parts, axis=-1)
