@@ -33,7 +33,8 @@ def parse_cuts(text: str | None) -> list[float]:
     try:
         return [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError:
-        raise InvalidInput(f"--interval-cut must be comma-separated seconds, got {text!r}")
+        msg = f"--interval-cut must be comma-separated seconds, got {text!r}"
+        raise InvalidInput(msg) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     progress_file = ProgressFile(args.progress_file) if args.progress_file else None
     try:
         req = SeparationRequest(

@@ -6,6 +6,7 @@ Every variable is documented in the README's configuration table.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -102,3 +103,10 @@ def upload_timeout_s() -> float:
 def event_output_prefix() -> str:
     """Folder (beside the input object) that S3-event-triggered jobs write their stems to."""
     return env_str("EVENT_OUTPUT_PREFIX", "separated").strip("/")
+
+
+def work_dir() -> str:
+    """Where jobs keep their temporary files (one folder per job, removed when it ends)."""
+    path = Path(env_str("WORK_DIR", tempfile.gettempdir()))
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)

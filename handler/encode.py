@@ -163,7 +163,8 @@ class Mp3Writer:
         lame = b"LAME3.100" + bytes([0x01, 0])  # tag revision 0, CBR; lowpass unknown
         lame += b"\0" * 8  # replay gain
         lame += bytes([0, min(self.bitrate, 255)])
-        lame += bytes([_LAME_DELAY >> 4, ((_LAME_DELAY & 0xF) << 4) | (end_pad >> 8), end_pad & 0xFF])
+        delay_pad = (_LAME_DELAY << 12) | end_pad  # two 12-bit fields
+        lame += delay_pad.to_bytes(3, "big")
         lame += b"\0" * 4  # misc, mp3 gain, preset/surround
         lame += struct.pack(">I", total_bytes) + b"\0\0"  # music length, music CRC (unset)
         body = xing + lame

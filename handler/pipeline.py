@@ -227,7 +227,7 @@ def separate_file(
         ):
             t1 = time.perf_counter()
             mixed = np.tensordot(matrix, out, axes=(1, 0))  # (stems, C, n)
-            for writer, audio in zip(writers, mixed):
+            for writer, audio in zip(writers, mixed, strict=True):
                 writer.write(audio)
             encode_s += time.perf_counter() - t1
         t1 = time.perf_counter()
@@ -243,7 +243,7 @@ def separate_file(
         progress("encode", 1, 1)
 
     outputs = []
-    for stem, stem_files in zip(stems, files):
+    for stem, stem_files in zip(stems, files, strict=True):
         for i, f in enumerate(stem_files):
             start = (0 if i == 0 else cuts[i - 1]) / rate
             outputs.append(StemOutput(stem, f, i if cuts else None, start))

@@ -144,7 +144,8 @@ class Separator:
         combined_pos = 0
 
         def total_chunks() -> int:
-            n = total if total is not None else max(expected_samples or 0, in_start + inbuf.shape[1])
+            seen = in_start + inbuf.shape[1]
+            n = total if total is not None else max(expected_samples or 0, seen)
             return sum(lane.chunks_total(n) for lane in self.lanes)
 
         while True:
@@ -169,7 +170,7 @@ class Separator:
                 np.stack([self._slice(inbuf, in_start, total, lane, s, v) for s, v, _ in windows])
             )
             out = self._forward(lane.member, x)
-            for (start, valid, chunk), y in zip(windows, out):
+            for (_, valid, chunk), y in zip(windows, out, strict=True):
                 trim = (valid - chunk) // 2
                 self._accumulate(lane, y[..., trim:trim + chunk], chunk)
                 lane.offset += lane.stride

@@ -7,8 +7,8 @@ chunking, overlap-add and member/shift averaging, so it is shared by every famil
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -47,15 +47,17 @@ def load_demucs(name: str, device: torch.device) -> LoadedModel:
             warnings.simplefilter("ignore")
             model = any_repo.get_model(name)
     except ModelLoadingError as exc:  # a bag names weights that are missing or corrupt
-        raise ModelUnavailable(f"model {name!r} cannot be loaded ({exc}); {_bake_hint(name)}")
+        raise ModelUnavailable(
+            f"model {name!r} cannot be loaded ({exc}); {_bake_hint(name)}") from None
     except ImportError as exc:
-        raise ModelUnavailable(f"model {name!r} needs a package that is not installed ({exc})")
+        raise ModelUnavailable(
+            f"model {name!r} needs a package that is not installed ({exc})") from None
     model.eval()
 
     networks = list(model.models) if isinstance(model, BagOfModels) else [model]
     weights = model.weights if isinstance(model, BagOfModels) else [[1.0] * len(model.sources)]
     members = []
-    for net, net_weights in zip(networks, weights):
+    for net, net_weights in zip(networks, weights, strict=True):
         net.to(device).eval()
         pad = isinstance(net, HTDemucs) and bool(getattr(net, "use_train_segment", True))
         valid = getattr(net, "valid_length", None)

@@ -1,0 +1,249 @@
+"""Download a caller-supplied http(s) URL to disk, safely and with bounded size and time."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.client import IncompleteRead
+from pathlib import Path
+from urllib.parse import urljoin
+
+import requests
+from urllib3.exceptions import IncompleteRead as Urllib3IncompleteRead
+from urllib3.exceptions import NameResolutionError, ReadTimeoutError
+
+from handler import config, netguard
+from handler.errors import DownloadFailed, InvalidInput
+from handler.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+CHUNK_BYTES = 64 * 1024
+PROGRESS_EVERY_BYTES = 256 * 1024
+CONNECT_TIMEOUT_S = 10.0
+MAX_BACKOFF_S = 30.0
+# 408/429 are the client-error statuses that mean "try again later", not "you're wrong".
+RETRY_STATUSES = frozenset({408, 429})
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class DownloadInfo:
+    path: Path
+    bytes: int
+    content_type: str | None
+
+
+class Retryable(Exception):
+    """A transient failure worth another attempt. The message is safe to show (redacted)."""
+
+
+def backoff_delay(attempt: int, base_s: float) -> float:
+    """Delay before retry number ``attempt`` (0-based): base, 2*base, 4*base ... capped."""
+    return min(MAX_BACKOFF_S, base_s * (2**attempt))
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps (cause, context, urllib3 ``reason``, exception args)."""
+    seen: set[int] = set()
+    stack: list[object] = [exc]
+    while stack:
+        e = stack.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack.extend([e.__cause__, e.__context__, getattr(e, "reason", None), *e.args])
+
+
+def is_read_timeout(exc: BaseException) -> bool:
+    return any(
+        isinstance(e, (ReadTimeoutError, requests.exceptions.ReadTimeout))
+        for e in exception_chain(exc)
+    )
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """A short cause for a connection failure, without the URL that requests puts in str()."""
+    kinds: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
+        (NameResolutionError, "could not resolve host"),
+        (ConnectionRefusedError, "connection refused"),
+        (ConnectionResetError, "connection reset"),
+        ((IncompleteRead, Urllib3IncompleteRead), "incomplete body"),
+        (requests.exceptions.SSLError, "TLS error"),
+        (requests.exceptions.ConnectTimeout, "connection timed out"),
+    ]
+    chain = list(exception_chain(exc))
+    for kind, text in kinds:
+        if any(isinstance(e, kind) for e in chain):
+            return text
+    return f"connection error ({type(exc).__name__})"
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    max_bytes: int | None = None,
+    timeout_s: float | None = None,
+    allow_private: bool | None = None,
+    on_progress: ProgressFn | None = None,
+    retries: int = 3,
+    backoff_s: float | None = None,
+) -> DownloadInfo:
+    """Stream ``url`` into ``dest``; on failure ``dest`` is left untouched.
+
+    ``retries`` is the number of extra attempts after the first for transient failures
+    (connection errors, resets, 5xx/408/429, truncated bodies), waiting ``backoff_s``
+    (default: env RETRY_BACKOFF_S) doubled each time. Unsafe URLs raise InvalidInput;
+    4xx, oversize bodies and stalls (no byte for ``timeout_s``) raise DownloadFailed at once.
+    """
+    max_bytes = config.max_download_bytes() if max_bytes is None else max_bytes
+    timeout_s = config.download_timeout_s() if timeout_s is None else timeout_s
+    allow_private = config.allow_private_urls() if allow_private is None else allow_private
+    backoff_s = config.retry_backoff_s() if backoff_s is None else backoff_s
+    shown = redact_url(url)
+
+    netguard.check_url(url, allow_private=allow_private)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory as dest, so the final rename is atomic; hidden, so nothing picks it up.
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    attempts = retries + 1
+    session = netguard.guarded_session(allow_private=allow_private)
+    try:
+        for attempt in range(attempts):
+            try:
+                size, content_type = _attempt(
+                    session, url, tmp, max_bytes, timeout_s, allow_private, on_progress
+                )
+            except Retryable as e:
+                if attempt + 1 >= attempts:
+                    raise DownloadFailed(f"{e} (gave up after {attempts} attempts)") from None
+                delay = backoff_delay(attempt, backoff_s)
+                log.warning(
+                    "download attempt %d/%d failed: %s; retrying in %.2fs",
+                    attempt + 1, attempts, e, delay,
+                )
+                time.sleep(delay)
+                continue
+            os.replace(tmp, dest)
+            log.info("downloaded %d bytes from %s", size, shown)
+            return DownloadInfo(path=dest, bytes=size, content_type=content_type)
+        raise AssertionError("unreachable")
+    finally:
+        session.close()
+        tmp.unlink(missing_ok=True)
+
+
+def _attempt(
+    session: requests.Session,
+    url: str,
+    tmp: Path,
+    max_bytes: int,
+    timeout_s: float,
+    allow_private: bool,
+    on_progress: ProgressFn | None,
+) -> tuple[int, str | None]:
+    """One attempt, redirects included. Transient failures raise Retryable."""
+    final_url = url
+    try:
+        resp, final_url = _open(session, url, timeout_s, allow_private)
+        with resp:
+            return _save_body(resp, redact_url(final_url), tmp, max_bytes, on_progress)
+    except requests.exceptions.ConnectTimeout:
+        raise Retryable(f"connection timed out to {redact_url(final_url)}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ReadTimeout) as e:
+        if is_read_timeout(e):
+            # A stalled server would most likely stall again: fail now, don't multiply the wait.
+            raise DownloadFailed(
+                f"timed out: no data for {timeout_s:g}s from {redact_url(final_url)}"
+            ) from None
+        raise Retryable(f"{describe_network_error(e)} from {redact_url(final_url)}") from None
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema):
+        raise InvalidInput(f"malformed URL: {redact_url(final_url)}") from None
+    except requests.exceptions.RequestException as e:
+        raise Retryable(f"{type(e).__name__} from {redact_url(final_url)}") from None
+
+
+def _open(
+    session: requests.Session, url: str, timeout_s: float, allow_private: bool
+) -> tuple[requests.Response, str]:
+    """GET ``url``, following up to MAX_REDIRECTS redirects, each hop re-checked."""
+    timeout = (min(CONNECT_TIMEOUT_S, timeout_s), timeout_s)
+    headers = {"Accept-Encoding": "identity"}  # sizes and Content-Length are the file's own
+    for _ in range(MAX_REDIRECTS + 1):
+        resp = session.get(url, stream=True, timeout=timeout, headers=headers,
+                           allow_redirects=False)
+        location = session.get_redirect_target(resp)
+        if not location:
+            return resp, url
+        resp.close()
+        url = urljoin(url, location)
+        netguard.check_url(url, allow_private=allow_private)
+    raise DownloadFailed(f"more than {MAX_REDIRECTS} redirects, last to {redact_url(url)}")
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    try:
+        value = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1024 * 1024):g}"
+
+
+def _save_body(
+    resp: requests.Response,
+    shown: str,
+    tmp: Path,
+    max_bytes: int,
+    on_progress: ProgressFn | None,
+) -> tuple[int, str | None]:
+    status = resp.status_code
+    if status >= 300:
+        what = " ".join(filter(None, [f"HTTP {status}", resp.reason, "from", shown]))
+        if status >= 500 or status in RETRY_STATUSES:
+            raise Retryable(what)
+        raise DownloadFailed(what)
+
+    declared = _content_length(resp)
+    # With a Content-Encoding the header counts encoded bytes; only the decoded size is ours.
+    encoded = resp.headers.get("Content-Encoding", "identity").lower() != "identity"
+    if declared is not None and not encoded and declared > max_bytes:
+        raise DownloadFailed(
+            f"file is larger than the {_mb(max_bytes)} MB limit "
+            f"(Content-Length: {declared} bytes) at {shown}"
+        )
+    total = None if encoded else declared
+    done = reported = 0
+    with tmp.open("wb") as out:
+        for chunk in resp.iter_content(CHUNK_BYTES):
+            done += len(chunk)
+            if done > max_bytes:
+                raise DownloadFailed(
+                    f"download is larger than the {_mb(max_bytes)} MB limit "
+                    f"(stopped after {done} bytes) from {shown}"
+                )
+            out.write(chunk)
+            if on_progress and done - reported >= PROGRESS_EVERY_BYTES:
+                reported = done
+                on_progress(done, total)
+    if total is not None and done != total:
+        raise Retryable(f"incomplete body: got {done} of {total} bytes from {shown}")
+    if done == 0:
+        raise DownloadFailed(f"empty response body (HTTP {status}) from {shown}")
+    if on_progress and done != reported:
+        on_progress(done, total)
+    return done, resp.headers.get("Content-Type")

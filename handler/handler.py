@@ -1,0 +1,106 @@
+"""RunPod serverless entry point: ``python -u handler/handler.py``.
+
+    python handler/handler.py --test_input '{"input": {...}}'   # one job, exit 1 on failure
+    python handler/handler.py                                   # test_input.json, same
+    python handler/handler.py --rp_serve_api                    # the SDK's local HTTP API
+
+The default model is loaded before the first job is taken (cold start), and every job reuses
+it. The SDK's own ``--test_input`` path never iterates a generator handler and always exits
+0, so local runs go through ``run_local`` here instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the ``handler`` package importable
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+# The SDK logs every streamed item (our presigned URLs) at its default DEBUG level.
+os.environ.setdefault("RUNPOD_DEBUG_LEVEL", "INFO")
+
+import logging  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+from handler import config  # noqa: E402
+from handler.job import run_job  # noqa: E402
+from handler.redact import install_log_redaction  # noqa: E402
+
+log = logging.getLogger("worker")
+
+
+def handler(job: dict) -> Iterator[dict]:
+    """RunPod generator handler: progress items, then one final result or error item."""
+    yield from run_job(job)
+
+
+def warm_up() -> None:
+    """Load the default model now, so the first job does not pay for it."""
+    from handler.models import get_model, pick_device
+
+    device = pick_device()
+    if config.env_bool("REQUIRE_CUDA") and device.type != "cuda":
+        raise SystemExit(
+            "REQUIRE_CUDA is set but CUDA is not usable (no GPU visible, or a CPU build of torch):"
+            " refusing to run the GPU image on the CPU"
+        )
+    started = time.perf_counter()
+    model = get_model(config.default_model())
+    log.info("model %s ready on %s in %.2f s", model.name, device, time.perf_counter() - started)
+
+
+def _local_job(argv: list[str]) -> dict | None:
+    """The job for a local run (``--test_input`` or ./test_input.json), or None."""
+    if "--test_input" in argv:
+        i = argv.index("--test_input")
+        if i + 1 >= len(argv):
+            raise SystemExit("--test_input needs a JSON argument")
+        return json.loads(argv[i + 1])
+    if Path("test_input.json").is_file():
+        return json.loads(Path("test_input.json").read_text())
+    return None
+
+
+def run_local(job: dict) -> int:
+    """Run one job to completion, printing progress (stderr) and the result (stdout)."""
+    job = dict(job)
+    job.setdefault("id", f"local-{int(time.time())}-{os.getpid()}")
+    final: dict = {}
+    for item in handler(job):
+        if item.get("status") == "progress":
+            pct = 100 * item["progress"]
+            print(f"[{item['stage']:>8}] {pct:5.1f}%", file=sys.stderr, flush=True)
+        else:
+            final = item
+    print(json.dumps(final, indent=2))
+    return 1 if "error" in final else 0
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=config.env_str("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    install_log_redaction()
+    deployed = bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))
+    serve_api = "--rp_serve_api" in argv or bool(os.environ.get("RUNPOD_REALTIME_PORT"))
+    if not deployed and not serve_api:
+        job = _local_job(argv)
+        if job is None:
+            print("no job: pass --test_input '<json>' or create test_input.json", file=sys.stderr)
+            return 2
+        return run_local(job)
+
+    import runpod
+
+    warm_up()
+    runpod.serverless.start({"handler": handler, "return_aggregate_stream": True})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,96 @@
+"""Keep presigned URLs and credentials out of logs and error messages.
+
+A presigned URL's query string *is* a credential (anyone holding it can read or write the
+object until it expires), so it is never logged; neither are registered secret values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+REDACTED = "<redacted>"
+
+# Secrets shorter than this are not registered: scrubbing a short common word ("test")
+# from every log line would mangle logs without protecting anything.
+_MIN_SECRET_LEN = 8
+
+_secrets: set[str] = set()
+_lock = threading.Lock()
+
+# The query of any http(s) URL: presigned URLs carry their signature there.
+_URL_QUERY = re.compile(r"(?i)(\bhttps?://[^\s?#\"'<>]+)\?[^\s#\"'<>]*")
+# Signature-bearing parameters that show up without a scheme, e.g. urllib3's
+# "Max retries exceeded with url: /key?X-Amz-Signature=..." (S3 v2/v4, CloudFront, GCS, SAS).
+_SIGNED_PARAM = re.compile(
+    r"(?i)\b(X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|Signature|AWSAccessKeyId|Expires|Policy|"
+    r"Key-Pair-Id|GoogleAccessId|sig|se|sp|sv|token|access_token)=[^&\s\"'<>]+"
+)
+
+
+def register_secret(value: str | None) -> None:
+    """Scrub ``value`` from every log record from now on (credentials from s3Config / env)."""
+    if value and len(value) >= _MIN_SECRET_LEN:
+        with _lock:
+            _secrets.add(value)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without userinfo, query string and fragment: safe to log or show a caller."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    except ValueError:  # e.g. an invalid port: show nothing rather than something secret
+        return REDACTED
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def scrub(text: str) -> str:
+    """``text`` with URL query strings, signature parameters and registered secrets removed."""
+    text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+    text = _SIGNED_PARAM.sub(rf"\1={REDACTED}", text)
+    with _lock:
+        secrets = sorted(_secrets, key=len, reverse=True)  # longest first: overlaps
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's final message (and formatted traceback) through :func:`scrub`."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # bad format args: logging reports those itself
+            return True
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        # Exception text (e.g. requests' "Max retries exceeded with url: ...?X-Amz-...")
+        # is formatted lazily by handlers; format it now, scrubbed, and they reuse it.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Attach the redacting filter to every handler of the root logger (idempotent).
+
+    Call it after logging is configured: handlers added later are not covered.
+    """
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -1,0 +1,173 @@
+"""The job input schema (``job["input"]``), validated with pydantic; unknown keys are rejected.
+
+RunPod's ``rp_validator`` skips constraints in common cases, so validation is ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .encode import MP3_BITRATES
+from .errors import InvalidInput
+from .pipeline import SeparationRequest
+
+_SECRET_FIELDS = ("accessSecret", "accessId")
+
+
+class S3Config(BaseModel):
+    """RunPod's per-request ``s3Config`` (job top level)."""
+
+    model_config = ConfigDict(extra="ignore")
+    accessId: str
+    accessSecret: str
+    bucketName: str | None = None
+    endpointUrl: str | None = None
+    region: str | None = None
+
+
+class JobInput(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    # --- audio source: exactly one (an S3 event notification counts as one) ---
+    audio_url: str | None = None
+    audio_base64: str | None = None
+    s3_uri: str | None = None
+    Records: list[dict[str, Any]] | None = None  # S3 event notification (AWS and MinIO)
+    EventName: str | None = None  # MinIO's event envelope
+    Key: str | None = None
+
+    # --- separation, under demucs's names ---
+    model: str | None = None
+    stems: list[str] = Field(default_factory=lambda: ["instrumental"])
+    output_format: Literal["mp3", "wav", "flac"] = "mp3"
+    mp3_bitrate: int = 192
+    channels: Literal[1, 2] = 1
+    shifts: Annotated[int, Field(ge=0, le=20)] = 1
+    overlap: Annotated[float, Field(ge=0.0, le=0.95)] = 0.25
+    segment: Annotated[float, Field(gt=0.5, le=60.0)] | None = None
+    interval_cut: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
+    seed: int = 0
+
+    # --- destination ---
+    output_urls: dict[str, str] | list[str] | None = None  # caller's presigned PUT URLs
+    return_base64: bool = False
+
+    @field_validator("stems", mode="before")
+    @classmethod
+    def _split_stems(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("interval_cut", mode="before")
+    @classmethod
+    def _split_cuts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s for s in re.split(r"[,;\s]+", value) if s]
+        return value
+
+    @field_validator("mp3_bitrate")
+    @classmethod
+    def _bitrate(cls, value: int) -> int:
+        if value not in MP3_BITRATES:
+            raise ValueError(f"must be one of {', '.join(map(str, MP3_BITRATES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> JobInput:
+        sources = [
+            name for name in ("audio_url", "audio_base64", "s3_uri", "Records")
+            if getattr(self, name) not in (None, "", [])
+        ]
+        if len(sources) != 1:
+            found = ", ".join(sources) if sources else "none"
+            raise ValueError(
+                "give exactly one audio source: audio_url, audio_base64, s3_uri or an S3 event "
+                f"(found: {found})"
+            )
+        if self.audio_url is not None and not self.audio_url.lower().startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("audio_url must be an http(s) URL (use s3_uri for s3:// objects)")
+        destinations = sum([self.output_urls is not None, self.return_base64])
+        if destinations > 1:
+            raise ValueError("give at most one of output_urls and return_base64")
+        return self
+
+    def request(self) -> SeparationRequest:
+        return SeparationRequest(
+            model=self.model,
+            stems=self.stems,
+            output_format=self.output_format,
+            mp3_bitrate=self.mp3_bitrate,
+            channels=self.channels,
+            shifts=self.shifts,
+            overlap=self.overlap,
+            segment=self.segment,
+            interval_cut=list(self.interval_cut),
+            seed=self.seed,
+        )
+
+    @property
+    def is_s3_event(self) -> bool:
+        return bool(self.Records)
+
+
+def parse_job_input(raw: Any) -> JobInput:
+    if not isinstance(raw, dict):
+        raise InvalidInput("job input must be a JSON object")
+    try:
+        return JobInput.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput(_describe(exc)) from None
+
+
+def parse_s3_config(raw: Any) -> S3Config | None:
+    if raw is None:
+        return None
+    try:
+        return S3Config.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput("s3Config: " + _describe(exc, secret_safe=True)) from None
+
+
+def _describe(exc: ValidationError, *, secret_safe: bool = False) -> str:
+    """One line per problem, never echoing values (they may be secrets or huge base64)."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "input"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        if secret_safe and any(s in where for s in _SECRET_FIELDS):
+            msg = "invalid"
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def decode_base64_audio(text: str, max_bytes: int) -> bytes:
+    """Accepts plain base64 or a data URI (``data:audio/mpeg;base64,...``)."""
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise InvalidInput("audio_base64: data URI must be base64-encoded")
+    text = re.sub(r"\s+", "", text)
+    if len(text) * 3 // 4 > max_bytes:
+        raise InvalidInput(
+            f"audio_base64 is larger than the {max_bytes // (1024 * 1024)} MB limit; "
+            "upload the file and pass audio_url instead"
+        )
+    text = text.translate(str.maketrans("-_", "+/"))  # accept the URL-safe alphabet too
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("audio_base64 is not valid base64") from None
+    if not data:
+        raise InvalidInput("audio_base64 is empty")
+    return data

@@ -1,0 +1,455 @@
+"""S3-compatible storage: our own boto3 client (not runpod's rp_upload), presigned URLs,
+PUT to a caller's presigned URL, S3 event parsing and output key layout."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
+
+import boto3
+import requests
+from boto3.exceptions import Boto3Error
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from handler import config, netguard
+from handler.errors import DownloadFailed, InvalidInput, UploadFailed
+from handler.fetch import (
+    DownloadInfo,
+    backoff_delay,
+    describe_network_error,
+)
+from handler.redact import redact_url, register_secret
+
+log = logging.getLogger(__name__)
+
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+TRANSFER_CONFIG = TransferConfig(
+    multipart_threshold=MULTIPART_THRESHOLD,
+    multipart_chunksize=MULTIPART_THRESHOLD,
+    max_concurrency=4,
+)
+MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # SigV4 refuses longer
+RETRY_STATUSES = frozenset({408, 429})
+
+# Endpoints that name the bucket in the host ("virtual-hosted style") on providers known to
+# use it: AWS, Wasabi, Backblaze B2 ("<bucket>.s3[.-]<region>...") and DigitalOcean Spaces.
+# Anything else (R2's "<account>.r2.cloudflarestorage.com", MinIO ...) is left alone.
+_VHOST = re.compile(
+    r"^(?P<bucket>[a-z0-9][a-z0-9.-]*?)\."
+    r"(?P<rest>s3[.-](?:[a-z0-9-]+\.)*(?:amazonaws\.com|wasabisys\.com|backblazeb2\.com)"
+    r"|[a-z0-9-]+\.digitaloceanspaces\.com)$"
+)
+_REGION = re.compile(
+    r"(?:^|\.)s3[.-](?P<region>[a-z]{2}(?:-[a-z]+)+-\d+)\."
+    r"|^(?P<do>[a-z]+\d+)\.digitaloceanspaces\.com$"
+)
+
+
+# --- settings and client -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None
+    access_key_id: str | None
+    secret_access_key: str | None = field(repr=False)
+    bucket: str | None
+    region: str = "us-east-1"
+    prefix: str = "separations"
+    presign_expiry_s: int = 86400
+
+    @property
+    def configured(self) -> bool:
+        """Enough to upload: a bucket (credentials may come from boto3's default chain)."""
+        return bool(self.bucket)
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        """RunPod's standard BUCKET_* variables plus our BUCKET_NAME/REGION/PREFIX."""
+        return _build(
+            endpoint=os.environ.get("BUCKET_ENDPOINT_URL", "").strip() or None,
+            access_key_id=os.environ.get("BUCKET_ACCESS_KEY_ID", "").strip() or None,
+            secret=os.environ.get("BUCKET_SECRET_ACCESS_KEY", "").strip() or None,
+            bucket=os.environ.get("BUCKET_NAME", "").strip() or None,
+            region=os.environ.get("BUCKET_REGION", "").strip() or None,
+            prefix=_env_prefix(),
+        )
+
+    @classmethod
+    def from_s3_config(cls, d: Any) -> S3Settings:
+        """RunPod's per-request ``s3Config``: accessId, accessSecret, bucketName, endpointUrl."""
+        if not isinstance(d, dict):
+            raise InvalidInput("s3Config must be an object")
+        for name in ("accessId", "accessSecret", "endpointUrl"):
+            if not isinstance(d.get(name), str) or not d[name].strip():
+                raise InvalidInput(f"s3Config.{name} is required")
+        for name in ("bucketName", "region", "prefix"):
+            if d.get(name) is not None and not isinstance(d[name], str):
+                raise InvalidInput(f"s3Config.{name} must be a string")
+        settings = _build(
+            endpoint=d["endpointUrl"].strip(),
+            access_key_id=d["accessId"].strip(),
+            secret=d["accessSecret"].strip(),
+            bucket=(d.get("bucketName") or "").strip() or None,
+            region=(d.get("region") or "").strip() or None,
+            prefix=(d.get("prefix") or "").strip() or _env_prefix(),
+        )
+        if not settings.bucket:
+            raise InvalidInput("s3Config.bucketName is required (endpointUrl names no bucket)")
+        return settings
+
+
+def _env_prefix() -> str:
+    return config.env_str("BUCKET_PREFIX", "separations")
+
+
+def _build(
+    *,
+    endpoint: str | None,
+    access_key_id: str | None,
+    secret: str | None,
+    bucket: str | None,
+    region: str | None,
+    prefix: str,
+) -> S3Settings:
+    register_secret(secret)
+    register_secret(access_key_id)
+    extra_prefix = ""
+    if endpoint:
+        endpoint, bucket, extra_prefix = split_endpoint(endpoint, bucket)
+        region = region or region_from_endpoint(endpoint)
+    expiry = config.env_int("PRESIGN_EXPIRY_S", 86400)
+    return S3Settings(
+        endpoint_url=endpoint,
+        access_key_id=access_key_id,
+        secret_access_key=secret,
+        bucket=bucket,
+        region=region or "us-east-1",
+        prefix="/".join(p for p in (extra_prefix, prefix.strip("/")) if p),
+        presign_expiry_s=max(1, min(expiry, MAX_PRESIGN_EXPIRY_S)),
+    )
+
+
+def split_endpoint(endpoint: str, bucket: str | None) -> tuple[str, str | None, str]:
+    """Split a RunPod-style endpoint URL into (service endpoint, bucket, key prefix).
+
+    ``https://s3.example.com/bucket/some/prefix`` -> ("https://s3.example.com", "bucket",
+    "some/prefix"); ``https://bucket.s3.us-east-1.amazonaws.com`` -> ("https://s3.us-east-1.
+    amazonaws.com", "bucket", ""). An explicit ``bucket`` wins; the endpoint's path is taken
+    as that bucket (and prefix) only when it starts with it or no bucket was given.
+    """
+    try:
+        parts = urlsplit(endpoint)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise InvalidInput(f"malformed storage endpoint URL: {redact_url(endpoint)}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidInput(f"storage endpoint must be an http(s) URL: {redact_url(endpoint)}")
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    segments = [s for s in parts.path.split("/") if s]
+    prefix = ""
+    if segments and (bucket is None or segments[0] == bucket):
+        bucket, prefix = segments[0], "/".join(segments[1:])
+    elif segments:
+        prefix = "/".join(segments)  # a path the bucket isn't in: keep it as a key prefix
+    vhost = _VHOST.match(netloc.lower())
+    if vhost and (bucket is None or vhost["bucket"] == bucket):
+        bucket = vhost["bucket"]
+        netloc = netloc[len(bucket) + 1:]
+    return urlunsplit((parts.scheme, netloc, "", "", "")), bucket, prefix
+
+
+def region_from_endpoint(endpoint: str) -> str | None:
+    """``us-west-2`` from ``https://s3.us-west-2.amazonaws.com``, ``nyc3`` from DO Spaces."""
+    host = (urlsplit(endpoint).hostname or "").lower()
+    m = _REGION.search(host)
+    return (m["region"] or m["do"]) if m else None
+
+
+_session_lock = threading.Lock()
+
+
+@functools.cache
+def _shared_session() -> boto3.session.Session:
+    # One session for all clients: it caches the parsed service model, which otherwise
+    # costs ~0.5 s per client. Sessions aren't thread-safe, hence the lock around .client().
+    return boto3.session.Session()
+
+
+def make_client(
+    settings: S3Settings,
+    *,
+    max_attempts: int = 4,
+    connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 60.0,
+) -> Any:
+    """A boto3 S3 client for ``settings`` (path-style for custom endpoints, standard retries)."""
+    host = (urlsplit(settings.endpoint_url).hostname or "") if settings.endpoint_url else ""
+    s3_options: dict[str, Any] = {}
+    if settings.endpoint_url and not host.endswith(".amazonaws.com"):
+        # MinIO, R2, moto ... don't have per-bucket DNS names; AWS prefers virtual hosts.
+        s3_options["addressing_style"] = "path"
+    cfg = Config(
+        signature_version="s3v4",
+        connect_timeout=connect_timeout_s,
+        read_timeout=read_timeout_s,
+        retries={"max_attempts": max_attempts, "mode": "standard"},
+        s3=s3_options,
+        # botocore >= 1.36 adds CRC checksums by default, which several S3-compatible
+        # stores reject; only send them where the API requires one.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    with _session_lock:
+        return _shared_session().client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            region_name=settings.region,
+            config=cfg,
+        )
+
+
+def _describe_boto_error(exc: BaseException) -> str:
+    """A short, secret-free cause: the S3 error code, or the kind of network failure."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ClientError):
+            err = e.response.get("Error", {})
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = err.get("Code") or "error"
+            return f"{code} (HTTP {status})" if status else str(code)
+        if isinstance(e, EndpointConnectionError):
+            return "could not connect to the storage endpoint"
+        if isinstance(e, BotoCoreError):
+            return type(e).__name__
+        e = e.__cause__ or e.__context__
+    return type(exc).__name__
+
+
+# --- upload ------------------------------------------------------------------------------
+
+
+def upload_file(
+    client: Any,
+    path: Path,
+    bucket: str,
+    key: str,
+    content_type: str,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Upload ``path`` to s3://bucket/key (multipart above 16 MB); failure -> UploadFailed.
+
+    A single PUT and a completed multipart upload are both atomic, so a failure never leaves
+    a partial object at ``key``; s3transfer aborts a failed multipart upload.
+    """
+    extra: dict[str, Any] = {"ContentType": content_type}
+    if metadata:
+        extra["Metadata"] = metadata
+    try:
+        client.upload_file(str(path), bucket, key, ExtraArgs=extra, Config=TRANSFER_CONFIG)
+    except (BotoCoreError, ClientError, Boto3Error) as e:
+        raise UploadFailed(
+            f"could not upload s3://{bucket}/{key}: {_describe_boto_error(e)}"
+        ) from None
+    log.info("uploaded s3://%s/%s", bucket, key)
+
+
+def presign_get(client: Any, bucket: str, key: str, expires_s: int) -> str:
+    """A GET URL for the object valid ``expires_s`` seconds (clamped to SigV4's 7 days)."""
+    expires = max(1, min(int(expires_s), MAX_PRESIGN_EXPIRY_S))
+    return client.generate_presigned_url(
+        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires
+    )
+
+
+def put_presigned(
+    url: str,
+    path: Path,
+    content_type: str,
+    *,
+    retries: int = 3,
+    timeout_s: float | None = None,
+    backoff_s: float | None = None,
+) -> None:
+    """HTTP PUT ``path`` to a caller's presigned URL (streamed from disk).
+
+    Connection errors, 5xx, 408 and 429 are retried ``retries`` times with backoff; other
+    non-2xx statuses raise UploadFailed at once.
+    """
+    timeout_s = config.upload_timeout_s() if timeout_s is None else timeout_s
+    backoff_s = config.retry_backoff_s() if backoff_s is None else backoff_s
+    allow_private = config.allow_private_urls()
+    shown = redact_url(url)
+    try:
+        netguard.check_url(url, allow_private=allow_private)
+    except DownloadFailed as e:  # DNS failure: it is this upload that failed
+        raise UploadFailed(e.message) from None
+    path = Path(path)
+    size = path.stat().st_size
+    headers = {"Content-Type": content_type, "Content-Length": str(size)}
+    if (urlsplit(url).hostname or "").endswith(".blob.core.windows.net"):
+        headers["x-ms-blob-type"] = "BlockBlob"  # Azure SAS URLs refuse a PUT without it
+    attempts = retries + 1
+    problem = "no attempt made"
+    with netguard.guarded_session(allow_private=allow_private) as session:
+        for attempt in range(attempts):
+            try:
+                with path.open("rb") as body:
+                    resp = session.put(url, data=body, headers=headers,
+                                       timeout=(min(10.0, timeout_s), timeout_s),
+                                       allow_redirects=False)
+                with resp:
+                    status, reason = resp.status_code, resp.reason
+                if 200 <= status < 300:
+                    log.info("uploaded %d bytes to %s", size, shown)
+                    return
+                problem = " ".join(filter(None, [f"HTTP {status}", reason, "from", shown]))
+                if status < 500 and status not in RETRY_STATUSES:
+                    raise UploadFailed(f"PUT to presigned URL failed: {problem}")
+            except requests.exceptions.Timeout:
+                problem = f"timed out after {timeout_s:g}s talking to {shown}"
+            except requests.exceptions.RequestException as e:
+                problem = f"{describe_network_error(e)} from {shown}"
+            if attempt + 1 < attempts:
+                delay = backoff_delay(attempt, backoff_s)
+                log.warning("upload attempt %d/%d failed: %s; retrying in %.2fs",
+                            attempt + 1, attempts, problem, delay)
+                time.sleep(delay)
+    raise UploadFailed(
+        f"PUT to presigned URL failed: {problem} (gave up after {attempts} attempts)"
+    )
+
+
+# --- download ----------------------------------------------------------------------------
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key). The key is taken verbatim (no URL decoding)."""
+    if not isinstance(uri, str) or not uri.lower().startswith("s3://"):
+        raise InvalidInput("expected an s3://bucket/key URI")
+    bucket, _, key = uri[5:].partition("/")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
+        raise InvalidInput(f"invalid bucket name in S3 URI: {bucket[:64]!r}")
+    if not key or key.endswith("/"):
+        raise InvalidInput(f"S3 URI names no object: s3://{bucket}/{key}")
+    return bucket, key
+
+
+def download_object(
+    client: Any, bucket: str, key: str, dest: Path, *, max_bytes: int
+) -> DownloadInfo:
+    """Download s3://bucket/key to ``dest`` (temp file + rename), refusing objects > max_bytes."""
+    where = f"s3://{bucket}/{key}"
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code = e.response.get("Error", {}).get("Code")
+        if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+            raise DownloadFailed(f"{where} does not exist") from None
+        if status == 403 or code == "AccessDenied":
+            raise DownloadFailed(f"access denied to {where}") from None
+        raise DownloadFailed(f"could not read {where}: {_describe_boto_error(e)}") from None
+    except BotoCoreError as e:
+        raise DownloadFailed(f"could not read {where}: {_describe_boto_error(e)}") from None
+    size = int(head.get("ContentLength", 0))
+    too_big = f"{where} is larger than the {max_bytes / (1024 * 1024):g} MB limit"
+    if size > max_bytes:
+        raise DownloadFailed(f"{too_big} ({size} bytes)")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        client.download_file(bucket, key, str(tmp), Config=TRANSFER_CONFIG)
+        got = tmp.stat().st_size
+        if got > max_bytes:  # replaced by a bigger object since the HEAD
+            raise DownloadFailed(too_big)
+        os.replace(tmp, dest)
+    except (BotoCoreError, ClientError, Boto3Error) as e:
+        raise DownloadFailed(f"could not download {where}: {_describe_boto_error(e)}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return DownloadInfo(path=dest, bytes=got, content_type=head.get("ContentType"))
+
+
+# --- S3 event notifications and key layout -----------------------------------------------
+
+
+def parse_s3_event(payload: dict) -> list[tuple[str, str]]:
+    """(bucket, key) of every ObjectCreated record in an AWS or MinIO S3 event notification.
+
+    Keys arrive URL-encoded ('+' for space); anything that isn't such an event gives [].
+    """
+    if not isinstance(payload, dict) or not isinstance(payload.get("Records"), list):
+        return []
+    top_event = payload.get("EventName")  # MinIO repeats the event name at the top level
+    found: list[tuple[str, str]] = []
+    for record in payload["Records"]:
+        if not isinstance(record, dict) or not isinstance(record.get("s3"), dict):
+            continue
+        event = record.get("eventName") or top_event or ""
+        if not isinstance(event, str) or "ObjectCreated" not in event:
+            continue
+        s3 = record["s3"]
+        bucket = (s3.get("bucket") or {}).get("name")
+        key = (s3.get("object") or {}).get("key")
+        if isinstance(bucket, str) and bucket and isinstance(key, str) and key:
+            pair = (bucket, unquote_plus(key))
+            if pair not in found:
+                found.append(pair)
+    return found
+
+
+def output_key(prefix: str, job_id: str, stem: str, ext: str) -> str:
+    """``{prefix}/{job_id}/{stem}.{ext}``, without empty segments or doubled slashes."""
+    parts = [prefix.strip("/"), job_id.strip("/"), f"{stem}.{ext.lstrip('.')}"]
+    return "/".join(p for p in parts if p)
+
+
+def event_output_key(
+    input_key: str, stem: str, ext: str, output_prefix: str | None = None
+) -> str:
+    """Where an S3-triggered job writes a stem: beside its input, under ``output_prefix``.
+
+    ``uploads/song.mp3`` -> ``uploads/separated/song/instrumental.mp3``.
+    """
+    output_prefix = (config.event_output_prefix() if output_prefix is None
+                     else output_prefix.strip("/"))
+    source = PurePosixPath(input_key)
+    name = source.stem or source.name
+    parent = "" if str(source.parent) == "." else str(source.parent)
+    parts = [parent, output_prefix, name, f"{stem}.{ext.lstrip('.')}"]
+    return "/".join(p for p in parts if p)
+
+
+def is_own_output(key: str, output_prefix: str | None = None) -> bool:
+    """True when ``key`` lies under an ``output_prefix`` folder, i.e. a job wrote it.
+
+    S3 triggers fire on our own uploads too; skipping these keys prevents a loop.
+    """
+    output_prefix = (config.event_output_prefix() if output_prefix is None
+                     else output_prefix.strip("/"))
+    wanted = [s for s in output_prefix.split("/") if s]
+    folders = [s for s in key.split("/") if s][:-1]
+    if not wanted:
+        return False
+    n = len(wanted)
+    return any(folders[i:i + n] == wanted for i in range(len(folders) - n + 1))
