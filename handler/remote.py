@@ -1,0 +1,123 @@
+"""``demucs-separate --endpoint ID``: run the job on a deployed RunPod endpoint.
+
+A local file is uploaded to the worker's bucket first (``BUCKET_*`` env, as the worker uses),
+the job is submitted with the runpod SDK's endpoint client (``RUNPOD_API_KEY``), streamed
+progress is shown, and the outputs are downloaded into the output directory.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from . import storage
+from .errors import DownloadFailed, InternalError, InvalidInput, WorkerError
+from .pipeline import SeparationRequest
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+def job_input(req: SeparationRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "stems": req.stems, "output_format": req.output_format, "mp3_bitrate": req.mp3_bitrate,
+        "channels": req.channels, "shifts": req.shifts, "overlap": req.overlap, "seed": req.seed,
+    }
+    if req.model:
+        out["model"] = req.model
+    if req.segment is not None:
+        out["segment"] = req.segment
+    if req.interval_cut:
+        out["interval_cut"] = req.interval_cut
+    return out
+
+
+def _source(source: str) -> dict[str, str]:
+    if source.startswith(("http://", "https://")):
+        return {"audio_url": source}
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InvalidInput(f"input file not found: {source}")
+    settings = storage.S3Settings.from_env()
+    if not settings.configured:
+        raise InvalidInput("uploading a local file needs BUCKET_NAME/BUCKET_* set "
+                           "(or pass an http(s) URL as --input)")
+    client = storage.make_client(settings)
+    assert settings.bucket is not None
+    key = storage.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
+    key = f"{key.rstrip('.')}{path.suffix}"
+    storage.upload_file(client, path, settings.bucket, key, "application/octet-stream")
+    return {"s3_uri": f"s3://{settings.bucket}/{key}"}
+
+
+def run_remote(
+    endpoint_id: str, source: str, out_dir: Path, req: SeparationRequest, *,
+    quiet: bool = False, poll_s: float = 1.0, timeout_s: float = 6 * 3600,
+) -> list[Path]:
+    from runpod.endpoint.runner import RunPodClient
+
+    client = RunPodClient()
+    payload = {"input": {**_source(source), **job_input(req)}}
+    job_id = client.post(f"{endpoint_id}/run", payload)["id"]
+    final: dict | None = None
+    deadline = time.monotonic() + timeout_s
+    while final is None:
+        if time.monotonic() > deadline:
+            raise InternalError(f"job {job_id} did not finish in {timeout_s:.0f} s")
+        time.sleep(poll_s)
+        state = client.get(f"{endpoint_id}/stream/{job_id}")
+        for chunk in state.get("stream") or []:
+            item = chunk.get("output", chunk)
+            if isinstance(item, dict) and item.get("status") == "progress":
+                if not quiet:
+                    print(f"[{item.get('stage', ''):>8}] {100 * item.get('progress', 0):5.1f}%",
+                          file=sys.stderr, flush=True)
+            elif isinstance(item, dict):
+                final = item
+        status = state.get("status")
+        if final is None and status in FINAL:
+            if state.get("error"):
+                raise WorkerError(str(state["error"]))
+            result = client.get(f"{endpoint_id}/status/{job_id}")
+            output = result.get("output")
+            final = output[-1] if isinstance(output, list) and output else output
+            if final is None:
+                raise InternalError(f"job {job_id} ended {status} with no output")
+    if "error" in final:
+        raise _typed(str(final["error"]))
+    return _download_outputs(final, out_dir)
+
+
+def _typed(text: str) -> WorkerError:
+    """Re-raise the worker's ``CODE: message`` under the same code."""
+    err = WorkerError(text.split(": ", 1)[1] if ": " in text else text)
+    err.code = text.split(": ", 1)[0] if ": " in text else "INTERNAL"
+    return err
+
+
+def _download_outputs(final: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for output in final.get("outputs", []):
+        name = output.get("stem", "output")
+        if output.get("interval") is not None:
+            name = f"{name}_{output['interval']:03d}"
+        dest = out_dir / f"{name}.{output.get('format', 'mp3')}"
+        url = output.get("url") or ""
+        if url.startswith("data:"):
+            import base64
+
+            dest.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+        else:
+            with requests.get(url, stream=True, timeout=60) as resp:
+                if resp.status_code != 200:
+                    raise DownloadFailed(f"HTTP {resp.status_code} fetching output {name}")
+                with open(dest, "wb") as f:
+                    for block in resp.iter_content(1 << 20):
+                        f.write(block)
+        paths.append(dest)
+    return paths

@@ -1,0 +1,15 @@
+# Sourced by the scripts: make .venv (Python 3.11+) and install the pinned dependencies once;
+# reinstall when builder/ requirement files change.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=".venv/.installed-$(cat builder/install.sh builder/requirements*.txt builder/constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "installing dependencies into .venv (a few minutes, once)..." >&2
+  bash builder/install.sh cpu dev
+  touch "$stamp"
+fi
