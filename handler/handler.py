@@ -28,7 +28,7 @@ from collections.abc import Iterator  # noqa: E402
 
 from handler import config  # noqa: E402
 from handler.job import run_job  # noqa: E402
-from handler.redact import install_log_redaction  # noqa: E402
+from handler.redact import install_log_redaction, install_stream_redaction  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
             return 2
         return run_local(job)
 
+    install_stream_redaction()  # the SDK prints; only a stream wrapper reaches those lines
     import runpod
 
     warm_up()

@@ -17,6 +17,8 @@ REDACTED = "<redacted>"
 # from every log line would mangle logs without protecting anything.
 _MIN_SECRET_LEN = 8
 
+_MAX_SHOWN = 300
+
 _secrets: set[str] = set()
 _lock = threading.Lock()
 
@@ -27,6 +29,14 @@ _URL_QUERY = re.compile(r"(?i)(\bhttps?://[^\s?#\"'<>]+)\?[^\s#\"'<>]*")
 _SIGNED_PARAM = re.compile(
     r"(?i)\b(X-Amz-[A-Za-z-]+|X-Goog-[A-Za-z-]+|Signature|AWSAccessKeyId|Expires|Policy|"
     r"Key-Pair-Id|GoogleAccessId|sig|se|sp|sv|token|access_token)=[^&\s\"'<>]+"
+)
+
+
+# Secret-named fields in dict/JSON text, e.g. the SDK printing a job's ``s3Config`` before our
+# code has seen (and registered) it.
+_SECRET_FIELD = re.compile(
+    r"(?i)(['\"]?(?:accessSecret|accessId|secret_access_key|aws_secret_access_key|"
+    r"BUCKET_SECRET_ACCESS_KEY|password|api_key|authorization)['\"]?\s*[:=]\s*)(['\"])[^'\"]*\2"
 )
 
 
@@ -47,13 +57,16 @@ def redact_url(url: str) -> str:
         netloc = f"{host}:{parts.port}" if parts.port is not None else host
     except ValueError:  # e.g. an invalid port: show nothing rather than something secret
         return REDACTED
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    # Callers control the path: keep error messages and log lines bounded.
+    return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
 
 
 def scrub(text: str) -> str:
     """``text`` with URL query strings, signature parameters and registered secrets removed."""
     text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
     text = _SIGNED_PARAM.sub(rf"\1={REDACTED}", text)
+    text = _SECRET_FIELD.sub(rf"\1\2{REDACTED}\2", text)
     with _lock:
         secrets = sorted(_secrets, key=len, reverse=True)  # longest first: overlaps
     for secret in secrets:
@@ -94,3 +107,28 @@ def install_log_redaction() -> None:
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+class _ScrubbingStream:
+    """A text stream that scrubs every write: the runpod SDK logs with ``print``, bypassing
+    logging filters, and at its DEBUG level it prints every job input and streamed item."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(scrub(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def install_stream_redaction() -> None:
+    """Scrub ``sys.stdout`` and ``sys.stderr`` (idempotent); the worker calls it at start."""
+    import sys
+
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _ScrubbingStream):
+            setattr(sys, name, _ScrubbingStream(stream))
