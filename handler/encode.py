@@ -127,7 +127,8 @@ class Mp3Writer:
         self._carry = buf[pos:]
 
     def close(self) -> EncodedFile:
-        self._put(bytes(self._enc.flush()))
+        if self.samples:  # lameenc refuses to flush an encoder that was never fed
+            self._put(bytes(self._enc.flush()))
         if self._tag_len:
             tag = self._info_tag()
             if tag is not None:

@@ -25,6 +25,7 @@ from typing import Any
 from . import config, storage
 from .errors import (
     Cancelled,
+    InternalError,
     InvalidInput,
     UploadFailed,
     WorkerError,
@@ -76,7 +77,7 @@ def _safe_id(job_id: str) -> str:
 class _Destination:
     """Where outputs go. ``check`` runs before any work so a misconfiguration costs nothing."""
 
-    def check(self, n_outputs: int | None) -> None:  # noqa: B027 - optional hook
+    def check(self, n_outputs: int | None, names: list[str] | None = None) -> None:  # noqa: B027
         pass
 
     def store(self, output: StemOutput, name: str) -> dict:
@@ -109,15 +110,22 @@ class _PresignedPut(_Destination):
         self.urls = urls
         self._next = 0
 
-    def check(self, n_outputs: int | None) -> None:
+    def check(self, n_outputs: int | None, names: list[str] | None = None) -> None:
         if isinstance(self.urls, list) and n_outputs is not None and len(self.urls) < n_outputs:
             raise InvalidInput(
                 f"output_urls has {len(self.urls)} URL(s) for {n_outputs} output file(s)"
             )
+        missing = [n for n in names or [] if isinstance(self.urls, dict) and n not in self.urls]
+        if missing:
+            raise InvalidInput(f"output_urls has no URL for output {', '.join(missing)}")
 
     def store(self, output: StemOutput, name: str) -> dict:
         if isinstance(self.urls, dict):
-            url = self.urls.get(name) or self.urls.get(output.stem)
+            # A stem's URL serves only an uncut output: interval files each need their own
+            # (one shared URL would leave just the last interval).
+            url = self.urls.get(name)
+            if url is None and output.interval is None:
+                url = self.urls.get(output.stem)
             if url is None:
                 raise InvalidInput(f"output_urls has no URL for output {name!r}")
         else:
@@ -183,6 +191,8 @@ def _execute(ctx: _Context, work: Path) -> dict:
         if records and not fresh:  # our own upload triggered this: nothing to do
             return {"status": "skipped", "reason": "the object is this worker's own output",
                     "objects": [f"s3://{b}/{k}" for b, k in records]}
+        if not records:  # e.g. ObjectRemoved: nothing to separate
+            return {"status": "skipped", "reason": "the event has no ObjectCreated record"}
         if len(fresh) != 1:
             raise InvalidInput("the S3 event must carry exactly one ObjectCreated record")
         event = fresh[0]
@@ -193,7 +203,7 @@ def _execute(ctx: _Context, work: Path) -> dict:
     validate(req, model)
     stems = resolve_stems(model, req.stems)
     if not req.interval_cut:
-        destination.check(len(stems))
+        destination.check(len(stems), stems)
     timings: dict[str, float] = {}
 
     # fetch
@@ -262,7 +272,13 @@ def _execute(ctx: _Context, work: Path) -> dict:
 def run_job(job: dict) -> Iterator[dict]:
     """The RunPod generator handler's body: progress items, then one final item."""
     ctx = _Context(job)
-    work = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_id}-", dir=config.work_dir()))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_id}-", dir=config.work_dir()))
+    except Exception as exc:  # noqa: BLE001 - still exactly one final item, never a raise
+        log.error("job %s: cannot create its work directory", ctx.job_id, exc_info=True)
+        yield {"error": str(InternalError(
+            f"the worker's WORK_DIR is not usable ({type(exc).__name__})"))}
+        return
     started = time.monotonic()
 
     def target() -> None:

@@ -81,6 +81,8 @@ def blocked_reason(ip: IPAddress, *, allow_private: bool) -> str | None:
         return "a multicast address"
     if ip.is_private or (isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT):
         return "a private address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:  # deprecated fec0::/10
+        return "a private address"
     if ip.is_reserved or not ip.is_global:
         return "a reserved address"
     return None
@@ -96,10 +98,12 @@ def resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
-def check_url(url: str, *, allow_private: bool) -> None:
+def check_url(url: str, *, allow_private: bool, resolve_host: bool = True) -> None:
     """Raise InvalidInput unless ``url`` is http(s) to a host whose addresses are all allowed.
 
     DNS failure raises DownloadFailed (the URL may be fine; the name just does not resolve).
+    ``resolve_host=False`` skips DNS: only the scheme, metadata host names and IP literals
+    are checked (for parsing input offline; check again with DNS before connecting).
     """
     shown = redact_url(url)
     try:
@@ -115,6 +119,15 @@ def check_url(url: str, *, allow_private: bool) -> None:
         raise InvalidInput(f"URL has no host: {shown}")
     if host in _METADATA_HOSTS:
         raise InvalidInput(f"URL points to a cloud metadata service: {shown}")
+    if not resolve_host:
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            return
+        reason = blocked_reason(literal, allow_private=allow_private)
+        if reason:
+            raise InvalidInput(f"URL host is {reason}: {shown}")
+        return
     try:
         addresses = resolve(host, port or (443 if scheme == "https" else 80))
     except (socket.gaierror, UnicodeError):

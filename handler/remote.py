@@ -7,6 +7,7 @@ progress is shown, and the outputs are downloaded into the output directory.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -58,9 +59,14 @@ def run_remote(
     endpoint_id: str, source: str, out_dir: Path, req: SeparationRequest, *,
     quiet: bool = False, poll_s: float = 1.0, timeout_s: float = 6 * 3600,
 ) -> list[Path]:
+    import runpod
     from runpod.endpoint.runner import RunPodClient
 
-    client = RunPodClient()
+    # The SDK itself reads only ~/.runpod/config.toml, not the environment.
+    api_key = os.environ.get("RUNPOD_API_KEY", "").strip() or runpod.api_key
+    if not api_key:
+        raise InvalidInput("--endpoint needs RUNPOD_API_KEY set (or `runpod config`)")
+    client = RunPodClient(api_key=api_key)
     payload = {"input": {**_source(source), **job_input(req)}}
     job_id = client.post(f"{endpoint_id}/run", payload)["id"]
     final: dict | None = None

@@ -28,6 +28,7 @@ class S3Config(BaseModel):
     bucketName: str | None = None
     endpointUrl: str | None = None
     region: str | None = None
+    prefix: str | None = None  # our extension: key prefix (default BUCKET_PREFIX)
 
 
 class JobInput(BaseModel):

@@ -4,6 +4,7 @@ PUT to a caller's presigned URL, S3 event parsing and output key layout."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -69,6 +70,9 @@ class S3Settings:
     region: str = "us-east-1"
     prefix: str = "separations"
     presign_expiry_s: int = 86400
+    # True for a caller's s3Config: its endpoint is a caller-supplied URL, so make_client
+    # runs it through netguard like any other (the env's endpoint is the operator's).
+    from_caller: bool = field(default=False, repr=False)
 
     @property
     def configured(self) -> bool:
@@ -89,17 +93,18 @@ class S3Settings:
 
     @classmethod
     def from_s3_config(cls, d: Any) -> S3Settings:
-        """RunPod's per-request ``s3Config``: accessId, accessSecret, bucketName, endpointUrl."""
+        """RunPod's per-request ``s3Config``: accessId, accessSecret, bucketName, endpointUrl
+        (optional: AWS's default endpoint), region (optional). Extra keys are ignored."""
         if not isinstance(d, dict):
             raise InvalidInput("s3Config must be an object")
-        for name in ("accessId", "accessSecret", "endpointUrl"):
+        for name in ("accessId", "accessSecret"):
             if not isinstance(d.get(name), str) or not d[name].strip():
                 raise InvalidInput(f"s3Config.{name} is required")
-        for name in ("bucketName", "region", "prefix"):
+        for name in ("bucketName", "endpointUrl", "region", "prefix"):
             if d.get(name) is not None and not isinstance(d[name], str):
                 raise InvalidInput(f"s3Config.{name} must be a string")
         settings = _build(
-            endpoint=d["endpointUrl"].strip(),
+            endpoint=(d.get("endpointUrl") or "").strip() or None,
             access_key_id=d["accessId"].strip(),
             secret=d["accessSecret"].strip(),
             bucket=(d.get("bucketName") or "").strip() or None,
@@ -108,7 +113,10 @@ class S3Settings:
         )
         if not settings.bucket:
             raise InvalidInput("s3Config.bucketName is required (endpointUrl names no bucket)")
-        return settings
+        if settings.endpoint_url:  # fail obvious SSRF now; make_client re-checks with DNS
+            netguard.check_url(settings.endpoint_url, resolve_host=False,
+                               allow_private=config.allow_private_urls())
+        return dataclasses.replace(settings, from_caller=True)
 
 
 def _env_prefix() -> str:
@@ -195,7 +203,16 @@ def make_client(
     connect_timeout_s: float = 5.0,
     read_timeout_s: float = 60.0,
 ) -> Any:
-    """A boto3 S3 client for ``settings`` (path-style for custom endpoints, standard retries)."""
+    """A boto3 S3 client for ``settings`` (path-style for custom endpoints, standard retries).
+
+    A caller-supplied endpoint (``from_caller``) must pass netguard.check_url; boto3's
+    connections aren't pinned to the checked address, so DNS rebinding stays possible there.
+    """
+    if settings.from_caller and settings.endpoint_url:
+        try:
+            netguard.check_url(settings.endpoint_url, allow_private=config.allow_private_urls())
+        except DownloadFailed as e:  # DNS failure: the storage endpoint is what's unreachable
+            raise UploadFailed(f"storage endpoint: {e.message}") from None
     host = (urlsplit(settings.endpoint_url).hostname or "") if settings.endpoint_url else ""
     s3_options: dict[str, Any] = {}
     if settings.endpoint_url and not host.endswith(".amazonaws.com"):

@@ -11,7 +11,9 @@ Per chunk: STFT (4096 / hop 1024) -> magnitude of the first 1024 bins, in blocks
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import io
 import pickle
 import zipfile
 from pathlib import Path
@@ -107,8 +109,8 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         with zipfile.ZipFile(path) as zf:
             member = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-            with zf.open(member) as fh:
-                data = _ArraysOnly(fh).load()
+            raw = zf.read(member)  # one read: unpickling from the zip stream is ~25% slower
+        data = _ArraysOnly(io.BytesIO(raw)).load()
     except (OSError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as exc:
         raise ModelUnavailable(
             f"model {NAME!r}: checkpoint {path.name} is unreadable ({type(exc).__name__}); "
@@ -184,13 +186,18 @@ class UNet(nn.Module):
         return self.up7(u)
 
     def load_checkpoint(self, state: dict[str, torch.Tensor]) -> UNet:
+        """Load a checkpoint (which lacks BN's num_batches_tracked). Assigns the tensors, so a
+        net built on the meta device (no random init) works too."""
         own = self.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        counters = {k: torch.zeros((), dtype=torch.long)
+                    for k in own if k.endswith("num_batches_tracked") and k not in state}
+        state = {**state, **counters}
+        missing = [k for k in own if k not in state]
         wrong = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
         if missing or wrong:
             raise ModelUnavailable(f"model {NAME!r}: checkpoint does not match the U-Net "
                                    f"(missing {missing[:3]}, unexpected {wrong[:3]})")
-        self.load_state_dict(state, strict=False)
+        self.load_state_dict(state, assign=True)
         return self.eval()
 
 
@@ -229,7 +236,7 @@ class _Affine(nn.Module):
 class FastUNet(nn.Module):
     """``UNet`` rearranged for inference, same maths:
 
-    * each transposed conv becomes a 3x3 conv + pixel_shuffle (no zero-stuffing; ~2x faster
+    * each transposed conv becomes a 3x3 conv + pixel_shuffle (no zero-stuffing; ~1.4x faster
       on CPU than ConvTranspose2d);
     * eval-mode BatchNorm is a folded per-channel affine;
     * the last down block's BN/activation, which nothing reads, is skipped (as in Spleeter).
@@ -242,18 +249,20 @@ class FastUNet(nn.Module):
         self.down = nn.ModuleList()
         self.down_bn = nn.ModuleList()
         for i in range(1, 7):
-            self.down.append(_copy_conv(getattr(net, f"down{i}_conv")[1]))
+            self.down.append(copy.deepcopy(getattr(net, f"down{i}_conv")[1]))
             self.down_bn.append(_Affine(getattr(net, f"down{i}_act")[0]))
         self.up = nn.ModuleList()
         self.up_bn = nn.ModuleList()
         for i in range(1, 7):
             tconv = getattr(net, f"up{i}")[0]
-            conv = nn.Conv2d(tconv.in_channels, 4 * tconv.out_channels, 3, padding=1)
-            conv.weight.data = _subpixel_weight(tconv.weight.detach())
-            conv.bias.data = tconv.bias.detach().repeat_interleave(4)
+            conv = nn.utils.skip_init(nn.Conv2d, tconv.in_channels, 4 * tconv.out_channels, 3,
+                                      padding=1)  # no random init: the weights come next
+            with torch.no_grad():
+                conv.weight.copy_(_subpixel_weight(tconv.weight))
+                conv.bias.copy_(tconv.bias.repeat_interleave(4))
             self.up.append(conv)
             self.up_bn.append(_Affine(getattr(net, f"up{i}")[3]))
-        self.last = _copy_conv(net.up7[0])
+        self.last = copy.deepcopy(net.up7[0])
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -270,13 +279,6 @@ class FastUNet(nn.Module):
                 u = torch.cat([convs[5 - i], u], 1)
             u = bn(F.relu(F.pixel_shuffle(conv(u), 2), inplace=True))
         return torch.sigmoid(self.last(u))
-
-
-def _copy_conv(conv: nn.Conv2d) -> nn.Conv2d:
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation)
-    out.load_state_dict(conv.state_dict())
-    return out
 
 
 # --------------------------------------------------------------------------- separation
@@ -341,7 +343,9 @@ class SpleeterSeparator(nn.Module):
 
 def load_spleeter(device: torch.device) -> LoadedModel:
     paths = spleeter_checkpoints()
-    nets = [UNet().load_checkpoint(load_checkpoint(p)) for p in paths]
+    with torch.device("meta"):  # skip the random init the checkpoint overwrites anyway
+        shells = [UNet() for _ in paths]
+    nets = [net.load_checkpoint(load_checkpoint(p)) for net, p in zip(shells, paths, strict=True)]
     separator = SpleeterSeparator(nets, device)
 
     def forward(wav: torch.Tensor) -> torch.Tensor:
