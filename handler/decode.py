@@ -143,6 +143,15 @@ def iter_blocks(
 
         if stats.native_samples == 0:
             raise UnsupportedAudio("the audio track is empty")
+        # FFmpeg reads a cut-off MP3 to a clean EOF: compare with the declared duration.
+        declared = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        decoded_s = stats.native_samples / native_rate
+        if not stats.truncated and decoded_s < declared - max(0.5, 0.02 * declared):
+            stats.truncated = True
+            stats.warnings.append(
+                f"input is damaged or truncated: it declares {declared:.2f} s but decoding "
+                f"stopped after {decoded_s:.2f} s; that part was separated"
+            )
         expected = round(stats.native_samples * rate / native_rate)
         if pending_len:
             yield from _emit(np.concatenate(pending, axis=1), stats, expected, channels)
