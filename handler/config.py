@@ -95,6 +95,11 @@ def retry_backoff_s() -> float:
     return env_float("RETRY_BACKOFF_S", 1.0)
 
 
+def s3_max_attempts() -> int:
+    """Attempts per S3 request (the first included) in botocore's standard retry mode."""
+    return max(1, env_int("S3_MAX_ATTEMPTS", 4))
+
+
 def upload_timeout_s() -> float:
     """Per-read timeout when PUTting a result to a caller's presigned URL."""
     return env_float("UPLOAD_TIMEOUT_S", 60.0)

@@ -5,6 +5,8 @@ A job's output on failure is exactly one item: ``{"error": "CODE: message"}``.
 
 from __future__ import annotations
 
+import errno
+
 
 class WorkerError(Exception):
     """Base class: ``str(err)`` is ``"CODE: message"``."""
@@ -57,6 +59,8 @@ def as_worker_error(exc: BaseException) -> WorkerError:
         return exc
     if isinstance(exc, MemoryError):
         return InternalError("out of memory")
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InternalError("no space left on the worker's temporary disk")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # e.g. RLIMIT_FSIZE
+        return InternalError("a file on the worker's temporary disk exceeded the allowed size")
     return InternalError(f"unexpected {type(exc).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
 from handler import config, netguard
 from handler.errors import DownloadFailed, InvalidInput
-from handler.redact import redact_url
+from handler.redact import redact_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,27 @@ def _open(
     raise DownloadFailed(f"more than {MAX_REDIRECTS} redirects, last to {redact_url(url)}")
 
 
+# An S3-style XML error body (S3, GCS, R2, MinIO, Azure): its Code and Message say why a
+# presigned URL was refused (e.g. "AccessDenied: Request has expired"). Nothing else of the
+# body is shown: it may echo the signature (SignatureProvided, StringToSign).
+_XML_ERROR = re.compile(
+    r"<Code>\s*([A-Za-z0-9.]{1,64})\s*</Code>\s*<Message>([^<]{0,400})</Message>"
+)
+_ERROR_BODY_BYTES = 4096
+
+
+def _error_detail(resp: requests.Response) -> str:
+    try:
+        head = resp.raw.read(_ERROR_BODY_BYTES, decode_content=True) or b""
+    except Exception:  # noqa: BLE001 - the status alone still explains the failure
+        return ""
+    m = _XML_ERROR.search(head.decode("utf-8", "replace"))
+    if not m:
+        return ""
+    message = " ".join(m[2].split())[:160]
+    return scrub(f"{m[1]}: {message}" if message else m[1])
+
+
 def _content_length(resp: requests.Response) -> int | None:
     try:
         value = int(resp.headers.get("Content-Length", ""))
@@ -214,6 +236,9 @@ def _save_body(
     status = resp.status_code
     if status >= 300:
         what = " ".join(filter(None, [f"HTTP {status}", resp.reason, "from", shown]))
+        detail = _error_detail(resp)
+        if detail:
+            what += f" ({detail})"
         if status >= 500 or status in RETRY_STATUSES:
             raise Retryable(what)
         raise DownloadFailed(what)

@@ -49,6 +49,14 @@ def warm_up() -> None:
             "REQUIRE_CUDA is set but CUDA is not usable (no GPU visible, or a CPU build of torch):"
             " refusing to run the GPU image on the CPU"
         )
+    if device.type == "cuda":
+        import torch
+
+        try:  # visible is not usable: a driver/arch mismatch only shows when a kernel runs
+            torch.ones(1, device=device).add_(1).item()
+        except Exception as exc:  # noqa: BLE001 - any CUDA failure means: do not serve
+            raise SystemExit(f"CUDA is visible but not usable ({exc}); check the driver and "
+                             "the image's CUDA version") from None
     started = time.perf_counter()
     model = get_model(config.default_model())
     log.info("model %s ready on %s in %.2f s", model.name, device, time.perf_counter() - started)

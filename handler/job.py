@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import logging
 import queue
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config, storage
+from . import config, netguard, storage
 from .errors import (
     Cancelled,
     InternalError,
@@ -68,7 +69,16 @@ class _Context:
 
 
 def _safe_id(job_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", job_id)[:128] or "job"
+    """The job id as one safe key segment and folder name.
+
+    A retried job (same id) gets the same folder; distinct ids never share one: an id that
+    had to be changed (other characters, too long, "." or "..") gets a hash of the original.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", job_id)
+    if safe != job_id or len(safe) > 128 or set(safe) <= {"."}:
+        digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        safe = f"{safe[:100]}-{digest}"
+    return safe
 
 
 # --- destinations ---------------------------------------------------------------------------
@@ -109,6 +119,14 @@ class _PresignedPut(_Destination):
     def __init__(self, urls: dict[str, str] | list[str]):
         self.urls = urls
         self._next = 0
+        # Refuse a URL that could never be PUT to (scheme, metadata host, blocked IP literal)
+        # before any work; put_presigned checks again, with DNS, when it connects.
+        for url in urls.values() if isinstance(urls, dict) else urls:
+            try:
+                netguard.check_url(url, allow_private=config.allow_private_urls(),
+                                   resolve_host=False)
+            except InvalidInput as e:
+                raise InvalidInput(f"output_urls: {e.message}") from None
 
     def check(self, n_outputs: int | None, names: list[str] | None = None) -> None:
         if isinstance(self.urls, list) and n_outputs is not None and len(self.urls) < n_outputs:

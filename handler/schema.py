@@ -145,7 +145,7 @@ def _describe(exc: ValidationError, *, secret_safe: bool = False) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        if secret_safe and any(s in where for s in _SECRET_FIELDS):
+        if secret_safe and any(s in where for s in _SECRET_FIELDS) and err["type"] != "missing":
             msg = "invalid"
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)

@@ -199,7 +199,7 @@ def _shared_session() -> boto3.session.Session:
 def make_client(
     settings: S3Settings,
     *,
-    max_attempts: int = 4,
+    max_attempts: int | None = None,
     connect_timeout_s: float = 5.0,
     read_timeout_s: float = 60.0,
 ) -> Any:
@@ -207,7 +207,9 @@ def make_client(
 
     A caller-supplied endpoint (``from_caller``) must pass netguard.check_url; boto3's
     connections aren't pinned to the checked address, so DNS rebinding stays possible there.
+    ``max_attempts`` defaults to env S3_MAX_ATTEMPTS (4).
     """
+    max_attempts = config.s3_max_attempts() if max_attempts is None else max_attempts
     if settings.from_caller and settings.endpoint_url:
         try:
             netguard.check_url(settings.endpoint_url, allow_private=config.allow_private_urls())
