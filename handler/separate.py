@@ -34,6 +34,10 @@ class EngineOptions:
     seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
     shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16
+    # nn.MultiheadAttention's "fast path" computes self-attention with explicit score matrices
+    # (bmm + softmax) on the CPU; off, it goes through scaled_dot_product_attention (fused,
+    # flash-style). Same maths to ~1e-6; HTDemucs's transformer runs much faster.
+    sdpa_attention: bool = True
 
 
 ProgressFn = Callable[[int, int], None]
@@ -240,8 +244,13 @@ class Separator:
             if self.opts.autocast_dtype is not None
             else nullcontext()
         )
-        with torch.inference_mode(), autocast:
-            y = member.forward(x.to(device))
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(fastpath and not self.opts.sdpa_attention)
+        try:
+            with torch.inference_mode(), autocast:
+                y = member.forward(x.to(device))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         return y.float().cpu()
 
     @staticmethod

@@ -138,7 +138,9 @@ def test_separate_file_wav_matches_demucs(pipeline40, track40, reference40):
         err = np.abs(data - want).max() * 32768  # in 16-bit LSBs
         snr = snr_db(want, data)
         print(f"separate_file wav {out.stem}: SNR {snr:.1f} dB, max error {err:.2f} LSB")
-        assert err <= 1.0  # libsndfile's float -> PCM_16 conversion errs by < 1 LSB
+        # libsndfile's float -> PCM_16 conversion errs by < 1 LSB; the engine's fused attention
+        # differs from demucs's by ~1e-6, which can flip a rounding: allow 1% of an LSB more.
+        assert err <= 1.01
         assert snr >= 40
 
 
