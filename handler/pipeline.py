@@ -7,7 +7,9 @@ Memory is bounded by the engine's few chunks, whatever the track's length.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import numpy as np
 from . import config
 from .decode import AudioInfo, DecodeStats, iter_blocks, probe
 from .encode import FORMATS, MP3_BITRATES, EncodedFile, Writer, open_writer
-from .errors import InvalidInput, TooLong
+from .errors import InvalidInput, TooLong, WorkerError
 from .models import INSTRUMENTAL, VOCALS, LoadedModel, get_model
 from .models.demucs_family import max_segment
 from .separate import EngineOptions, Separator
@@ -233,9 +235,14 @@ def separate_file(
         t1 = time.perf_counter()
         files = [w.close() for w in writers]
         encode_s += time.perf_counter() - t1
-    except BaseException:
+    except BaseException as exc:
+        # libsndfile (WAV/FLAC) reports a full disk as a bare "System error": look at the
+        # disk before the aborted files free it, and say what happened.
+        full = not isinstance(exc, (OSError, WorkerError)) and _disk_full(out_dir)
         for w in writers:
             w.abort()
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device") from exc
         raise
     timings["separate"] = time.perf_counter() - t0 - encode_s
     timings["encode"] = encode_s
@@ -261,6 +268,15 @@ def separate_file(
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=warnings,
     )
+
+
+def _disk_full(path: Path) -> bool:
+    """Less than 1 MiB left on the file system of ``path``."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1024 * 1024
 
 
 def _shortfall_warning(declared_s: float, decoded_s: float) -> str | None:

@@ -31,6 +31,9 @@ _SIGNED_PARAM = re.compile(
     r"Key-Pair-Id|GoogleAccessId|sig|se|sp|sv|token|access_token)=[^&\s\"'<>]+"
 )
 
+# botocore's DEBUG log of a SigV4 signature ("Signature:\n<hex>"); for a presigned URL (the
+# worker's result URLs) that signature is the URL's whole secret.
+_SIGNATURE_LINE = re.compile(r"\b(Signature:\s*)[0-9A-Fa-f]{32,}")
 
 # Secret-named fields in dict/JSON text, e.g. the SDK printing a job's ``s3Config`` before our
 # code has seen (and registered) it.
@@ -66,6 +69,7 @@ def scrub(text: str) -> str:
     """``text`` with URL query strings, signature parameters and registered secrets removed."""
     text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
     text = _SIGNED_PARAM.sub(rf"\1={REDACTED}", text)
+    text = _SIGNATURE_LINE.sub(rf"\1{REDACTED}", text)
     text = _SECRET_FIELD.sub(rf"\1\2{REDACTED}\2", text)
     with _lock:
         secrets = sorted(_secrets, key=len, reverse=True)  # longest first: overlaps

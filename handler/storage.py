@@ -224,7 +224,8 @@ def make_client(
         signature_version="s3v4",
         connect_timeout=connect_timeout_s,
         read_timeout=read_timeout_s,
-        retries={"max_attempts": max_attempts, "mode": "standard"},
+        # total_max_attempts counts the first request (botocore's max_attempts doesn't).
+        retries={"total_max_attempts": max_attempts, "mode": "standard"},
         s3=s3_options,
         # botocore >= 1.36 adds CRC checksums by default, which several S3-compatible
         # stores reject; only send them where the API requires one.
