@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp3-bitrate", type=int, default=192)
     p.add_argument("--channels", type=int, choices=(1, 2), default=1)
     p.add_argument("--shifts", type=int, default=1, help="demucs shift trick (0 = off)")
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="chunk overlap (default: the model's, 0.25 for demucs)")
     p.add_argument("--segment", type=float, default=None, help="chunk length in seconds")
     p.add_argument("--seed", type=int, default=0, help="seed of the shift offsets")
     p.add_argument("--interval-cut", default=None,

@@ -93,7 +93,8 @@ class Mp3Writer:
         self._enc.set_bit_rate(bitrate)
         self._enc.set_in_sample_rate(sample_rate)
         self._enc.set_channels(channels)
-        self._enc.set_quality(2)  # LAME's recommended high-quality setting
+        # LAME quality 3: half the encode time of 2 (mono: 0.008 vs 0.015 s per audio second).
+        self._enc.set_quality(3)
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
         # Reserve the first frame for the Info tag (CBR frame size, no padding bit).
         self._tag_len = 144000 * bitrate // sample_rate if sample_rate in _MPEG1_RATES else 0

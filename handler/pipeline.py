@@ -40,7 +40,7 @@ class SeparationRequest:
     mp3_bitrate: int = 192
     channels: int = 1
     shifts: int = 1
-    overlap: float = 0.25
+    overlap: float | None = None  # None: the model's default (demucs: 0.25)
     segment: float | None = None
     interval_cut: list[float] = field(default_factory=list)  # seconds: one file per interval
     seed: int = 0
@@ -105,7 +105,7 @@ def validate(req: SeparationRequest, model: LoadedModel) -> None:
         raise InvalidInput("channels must be 1 or 2")
     if not 0 <= req.shifts <= 20:
         raise InvalidInput("shifts must be between 0 and 20")
-    if not 0 <= req.overlap <= 0.95:
+    if req.overlap is not None and not 0 <= req.overlap <= 0.95:
         raise InvalidInput("overlap must be between 0 and 0.95")
     if req.segment is not None:
         limit = max_segment(model)
@@ -205,7 +205,8 @@ def separate_file(
     matrix = _stem_matrix(model, stems)
 
     opts = EngineOptions(
-        shifts=req.shifts, overlap=req.overlap, segment=req.segment, seed=req.seed,
+        shifts=req.shifts, segment=req.segment, seed=req.seed,
+        overlap=model.default_overlap if req.overlap is None else req.overlap,
         batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
     )
     stats = DecodeStats()

@@ -26,8 +26,10 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 def job_input(req: SeparationRequest) -> dict[str, Any]:
     out: dict[str, Any] = {
         "stems": req.stems, "output_format": req.output_format, "mp3_bitrate": req.mp3_bitrate,
-        "channels": req.channels, "shifts": req.shifts, "overlap": req.overlap, "seed": req.seed,
+        "channels": req.channels, "shifts": req.shifts, "seed": req.seed,
     }
+    if req.overlap is not None:
+        out["overlap"] = req.overlap
     if req.model:
         out["model"] = req.model
     if req.segment is not None:

@@ -49,7 +49,7 @@ class JobInput(BaseModel):
     mp3_bitrate: int = 192
     channels: Literal[1, 2] = 1
     shifts: Annotated[int, Field(ge=0, le=20)] = 1
-    overlap: Annotated[float, Field(ge=0.0, le=0.95)] = 0.25
+    overlap: Annotated[float, Field(ge=0.0, le=0.95)] | None = None  # None: model default
     segment: Annotated[float, Field(gt=0.5, le=60.0)] | None = None
     interval_cut: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
     seed: int = 0

@@ -37,6 +37,7 @@ from servers import (
 )
 from worker_helpers import (
     RATE,
+    assert_clean,
     b64,
     check_audio,
     check_error,
@@ -420,10 +421,6 @@ def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network
     monkeypatch.setenv("WORK_DIR", str(work))
     return work
 
-
-def assert_clean(work: Path) -> None:
-    left = list(work.iterdir())
-    assert not left, f"temp files left in WORK_DIR: {left}"
 
 
 def test_matrix_is_wide() -> None:

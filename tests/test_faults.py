@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from servers import AcceptPut, LocalS3Server, Reset, Serve, Status
 from worker_helpers import (
+    assert_clean,
     b64,
     check_audio,
     check_error,
@@ -31,6 +32,7 @@ from worker_helpers import (
     fetch,
     free_port,
     input_bytes,
+    run_good_job,
     run_in_process,
 )
 
@@ -66,19 +68,7 @@ def clip() -> tuple[bytes, int]:
     return input_bytes(1.0)
 
 
-def assert_clean(work: Path) -> None:
-    left = list(work.iterdir())
-    assert not left, f"temp files left in WORK_DIR: {left}"
 
-
-def good_job(work: Path, clip: tuple[bytes, int]) -> None:
-    data, samples = clip
-    run = run_in_process({"id": "good", "input": {"audio_base64": b64(data),
-                                                  "return_base64": True}})
-    check_final(run.final, n_outputs=1)
-    out = run.final["outputs"][0]
-    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
-    assert_clean(work)
 
 
 def bucket_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, bucket: str) -> None:
@@ -109,7 +99,7 @@ def test_s3_endpoint_down_at_upload(monkeypatch, work_dir, clip):
     assert_clean(work_dir)
     for name in [n for n in os.environ if n.startswith("BUCKET_")]:
         monkeypatch.delenv(name)
-    good_job(work_dir, clip)
+    run_good_job(work_dir, clip)
 
 
 def test_s3_server_errors_are_retried_s3_max_attempts_times(monkeypatch, http_server,
@@ -161,7 +151,7 @@ def test_presigned_put_reset_always_fails(http_server, work_dir, clip):
     assert http_server.hits("/out/instrumental.mp3") == 4
     assert "/out/instrumental.mp3" not in http_server.uploads
     assert_clean(work_dir)
-    good_job(work_dir, clip)
+    run_good_job(work_dir, clip)
 
 
 def test_download_reset_once_is_retried(http_server, work_dir, clip):
@@ -190,7 +180,7 @@ def test_download_reset_always_fails(http_server, work_dir, clip):
         f"DOWNLOAD_FAILED: connection reset from {url} (gave up after 4 attempts)")
     assert http_server.hits("/in.wav") == 4
     assert_clean(work_dir)
-    good_job(work_dir, clip)
+    run_good_job(work_dir, clip)
 
 
 # --- a full temp disk ---------------------------------------------------------------------
@@ -344,7 +334,7 @@ def test_cancel_mid_separation(work_dir, clip):
     assert_clean(work_dir)
     # The model is still loaded (same object) and serves the next job.
     assert "spleeter_2stems" in loaded_models() and get_model("spleeter_2stems") is model
-    good_job(work_dir, clip)
+    run_good_job(work_dir, clip)
     assert get_model("spleeter_2stems") is model
 
 

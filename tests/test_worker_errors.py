@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from servers import AcceptPut, Html, Status
 from worker_helpers import (
+    assert_clean,
     b64,
-    check_audio,
     check_error,
-    check_final,
-    fetch,
     free_port,
     input_bytes,
+    run_good_job,
     run_in_process,
 )
 
@@ -41,20 +40,7 @@ def good_input() -> tuple[bytes, int]:
     return input_bytes(GOOD_SECONDS)
 
 
-def assert_clean(work: Path) -> None:
-    left = list(work.iterdir())
-    assert not left, f"temp files left in WORK_DIR: {left}"
 
-
-def run_good_job(work: Path, good_input: tuple[bytes, int]) -> None:
-    """A good job right after a failed one: the process is still healthy."""
-    data, samples = good_input
-    run = run_in_process({"id": "good", "input": {"audio_base64": b64(data),
-                                                  "return_base64": True}})
-    check_final(run.final, n_outputs=1)
-    out = run.final["outputs"][0]
-    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
-    assert_clean(work)
 
 
 # --- INVALID_INPUT ------------------------------------------------------------------------

@@ -290,3 +290,19 @@ def split_output(output: list[Any]) -> tuple[list[dict], dict]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def assert_clean(work: Path) -> None:
+    left = list(work.iterdir())
+    assert not left, f"temp files left in WORK_DIR: {left}"
+
+
+def run_good_job(work: Path, good_input: tuple[bytes, int]) -> None:
+    """A good job right after a failed one: the process is still healthy."""
+    data, samples = good_input
+    run = run_in_process({"id": "good", "input": {"audio_base64": b64(data),
+                                                  "return_base64": True}})
+    check_final(run.final, n_outputs=1)
+    out = run.final["outputs"][0]
+    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
+    assert_clean(work)

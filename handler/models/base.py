@@ -44,6 +44,7 @@ class LoadedModel:
     audio_channels: int
     members: list[Member]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    default_overlap: float = 0.25  # demucs's; a job's ``overlap`` overrides it
 
     @property
     def stems(self) -> list[str]:

@@ -377,4 +377,7 @@ def load_spleeter(device: torch.device) -> LoadedModel:
     return LoadedModel(
         name=NAME, sources=list(SOURCES), samplerate=SAMPLERATE, audio_channels=2,
         members=[member], device=device,
+        # 11.9 s chunks need less than demucs's 25% overlap: a 1.2 s crossfade is seamless and
+        # the fast tier does 17% less work (its quality test runs at this default).
+        default_overlap=0.1,
     )
