@@ -102,6 +102,7 @@ def our_job(model: str, audio_url: str, bucket_env: dict) -> dict:
     import os
 
     os.environ.update(bucket_env)
+    os.environ["MAX_DOWNLOAD_MB"] = "4096"
     from handler.job import run_job
     from handler.models import get_model
 
