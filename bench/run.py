@@ -117,6 +117,10 @@ def main() -> int:
     p.add_argument("--durations", default="60,180")
     p.add_argument("--ft", action="store_true", help="also htdemucs_ft (a bag of 4: slow)")
     p.add_argument("--hour", action="store_true", help="60-minute peak-RSS run (long)")
+    p.add_argument("--hour-model", default="htdemucs",
+                   help="model of the 60-minute run (htdemucs: ~0.8 s per audio second here)")
+    p.add_argument("--no-compare", action="store_true",
+                   help="skip the demucs comparisons (fast tier and --hour only)")
     p.add_argument("--quick", action="store_true", help="20 s only")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
@@ -141,7 +145,7 @@ def main() -> int:
             inputs[d] = tmp / f"song_{int(d)}s.wav"
             write_input(inputs[d], d)
 
-        for model in models:
+        for model in [] if args.no_compare else models:
             for d in durations:
                 # Interleaved: reference and ours back to back on the same input.
                 ref_cli = child("demucs_cli", model=model, repo=str(repo), input=str(inputs[d]),
@@ -161,14 +165,15 @@ def main() -> int:
 
         d = max(durations)
         results["fast"].append({"seconds": d, "ours": job("spleeter_2stems", inputs[d])})
+        print(json.dumps({"fast": results["fast"][-1]}), flush=True)
         if args.hour:
             hour = tmp / "song_3600s.mp3"
             write_input(hour, 3600.0)
             three = tmp / "song_180s.mp3"
             write_input(three, 180.0)
-            results["hour"] = {"3min": job("htdemucs", three)}
+            results["hour"] = {"model": args.hour_model, "3min": job(args.hour_model, three)}
             print(json.dumps({"hour_3min": results["hour"]["3min"]}), flush=True)
-            results["hour"]["60min"] = job("htdemucs", hour)
+            results["hour"]["60min"] = job(args.hour_model, hour)
             hour.unlink()
 
     report(results)
@@ -206,7 +211,8 @@ def report(r: dict) -> None:
               f"peak RSS {b['peak_rss_mb']:.0f} MB")
     if r["hour"]:
         a, b = r["hour"]["3min"], r["hour"]["60min"]
-        print(f"\n60-minute input, htdemucs: peak RSS {b['peak_rss_mb']:.0f} MB vs 3-minute "
+        print(f"\n60-minute input, {r['hour']['model']}: "
+              f"peak RSS {b['peak_rss_mb']:.0f} MB vs 3-minute "
               f"{a['peak_rss_mb']:.0f} MB (ratio {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}); "
               f"job {b['job_s']:.0f} s")
 
