@@ -143,8 +143,14 @@ def iter_blocks(
 
         if stats.native_samples == 0:
             raise UnsupportedAudio("the audio track is empty")
-        # FFmpeg reads a cut-off MP3 to a clean EOF: compare with the declared duration.
-        declared = float(stream.duration * stream.time_base) if stream.duration else 0.0
+        # FFmpeg reads a cut-off file to a clean EOF: compare with the declared duration (the
+        # stream's, else the container's). Small gaps (encoder padding, estimates) are ignored.
+        if stream.duration and stream.time_base:
+            declared = float(stream.duration * stream.time_base)
+        elif container.duration:
+            declared = container.duration / av.time_base
+        else:
+            declared = 0.0
         decoded_s = stats.native_samples / native_rate
         if not stats.truncated and decoded_s < declared - max(0.5, 0.02 * declared):
             stats.truncated = True

@@ -250,12 +250,6 @@ def separate_file(
     if progress is not None:
         progress("encode", 1, 1)
 
-    warnings = list(stats.warnings)
-    shortfall = _shortfall_warning(info.duration_s, stats.samples_out / rate)
-    if shortfall and not stats.truncated:
-        log.warning("%s", shortfall)
-        warnings.append(shortfall)
-
     outputs = []
     for stem, stem_files in zip(stems, files, strict=True):
         for i, f in enumerate(stem_files):
@@ -267,7 +261,7 @@ def separate_file(
         input=info,
         input_duration_s=stats.samples_out / rate,
         timings_s={k: round(v, 3) for k, v in timings.items()},
-        warnings=warnings,
+        warnings=stats.warnings,
     )
 
 
@@ -278,19 +272,3 @@ def _disk_full(path: Path) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < 1024 * 1024
-
-
-def _shortfall_warning(declared_s: float, decoded_s: float) -> str | None:
-    """A warning when far less audio decoded than the container declares.
-
-    A file cut off at a frame boundary (an interrupted download or copy) decodes without
-    any error, so the decoder alone can't tell; its header (e.g. an MP3's LAME/Xing frame
-    count) still gives the full length. Small differences (encoder padding, estimates of
-    headerless streams) are not reported.
-    """
-    if declared_s <= 0 or declared_s - decoded_s <= max(0.5, 0.02 * declared_s):
-        return None
-    return (
-        f"input is damaged or truncated: {decoded_s:.2f} s decoded of the {declared_s:.2f} s "
-        "its header declares; that part was separated"
-    )

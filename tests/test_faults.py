@@ -256,13 +256,7 @@ def test_disk_full(tiny_disk, monkeypatch, http_server, clip):
         assert used_bytes(tiny_disk) == baseline
 
     # 3. The same worker, same disk: a job that fits succeeds.
-    small, samples = clip  # 176 KB
-    run = run_in_process({"id": "fits", "input": {"audio_base64": b64(small),
-                                                  "return_base64": True}})
-    check_final(run.final, n_outputs=1)
-    out = run.final["outputs"][0]
-    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
-    assert_clean(tiny_disk)
+    run_good_job(tiny_disk, clip)  # a 176 KB input
 
 
 RLIMIT_SCRIPT = r"""
