@@ -21,8 +21,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+        libtcmalloc-minimal4t64 \
     && rm -rf /var/lib/apt/lists/* \
-    && python3 -m venv /opt/venv
+    && python3 -m venv /opt/venv \
+    && ln -s /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4 /usr/local/lib/libtcmalloc_minimal.so.4
+# tcmalloc for the host side (decode, overlap-add, encode): see Dockerfile.cpu.
+ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
+    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 
 WORKDIR /app
 

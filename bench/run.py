@@ -34,16 +34,32 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 
+def tcmalloc() -> str | None:
+    """The allocator the images preload (Dockerfile*: LD_PRELOAD), if this machine has it."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4"))
+    return found[0] if found else None
+
+
+OURS = ("our_job", "our_cli")  # run as the images run them: with tcmalloc preloaded
+
+
 def child(mode: str, **kw) -> dict:
     """Run ``bench/cases.py MODE`` in a fresh process; returns its JSON (+ wall time)."""
     args = [sys.executable, str(ROOT / "bench" / "cases.py"), mode, json.dumps(kw)]
+    env = {**os.environ}
+    if mode in OURS and tcmalloc() and not env.get("BENCH_GLIBC_MALLOC"):
+        env["LD_PRELOAD"] = tcmalloc()
+        env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
     started = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ})
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["process_s"] = wall
+    out["allocator"] = "tcmalloc" if "LD_PRELOAD" in env else "glibc"
     return out
 
 

@@ -33,6 +33,25 @@ cp "$ROOT/test_input.json" "$WORK/app/test_input.json"
 cd "$WORK/app"
 python builder/bake_models.py --models htdemucs,spleeter_2stems --dest "$MODELS_DIR" --verify-only
 
+# --- Dockerfile.cpu: apt-get install libtcmalloc-minimal4 ; ENV LD_PRELOAD=... (the worker
+# runs with tcmalloc; the build steps above ran without it, as in the image)
+find_tcmalloc() { compgen -G "/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4" | head -1 || true; }
+TCMALLOC="$(find_tcmalloc)"
+if [ -z "$TCMALLOC" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+    || { apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4; }
+  } >/dev/null 2>&1 || true
+  TCMALLOC="$(find_tcmalloc)"
+fi
+if [ -n "$TCMALLOC" ]; then
+  export LD_PRELOAD="$TCMALLOC" TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
+  python -c "import torch, sys; maps = open('/proc/self/maps').read(); \
+sys.exit(0 if 'libtcmalloc_minimal' in maps else 'tcmalloc is not loaded')"
+  echo "== replay: worker runs with tcmalloc preloaded ($TCMALLOC)"
+else
+  echo "warning: libtcmalloc-minimal4 not available here: the worker runs on glibc malloc" >&2
+fi
+
 # --- CMD python -u handler/handler.py: one job per model, from this environment
 for model in spleeter_2stems htdemucs; do
   echo "== replay: job with DEFAULT_MODEL=$model"

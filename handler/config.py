@@ -83,6 +83,11 @@ def cpu_quota() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def precision() -> str:
+    """fp32 | bf16 | fp16 (handler/models/precision.py)."""
+    return env_str("PRECISION", "fp32").lower()
+
+
 def torch_threads() -> int:
     return env_int("TORCH_THREADS", cpu_quota())
 

@@ -33,7 +33,7 @@ class EngineOptions:
     batch_size: int = 1  # chunks per forward pass
     seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
     shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
-    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = the model's own
     # nn.MultiheadAttention's "fast path" computes self-attention with explicit score matrices
     # (bmm + softmax) on the CPU; off, it goes through scaled_dot_product_attention (fused,
     # flash-style). Same maths to ~1e-6; HTDemucs's transformer runs much faster.
@@ -239,11 +239,8 @@ class Separator:
 
     def _forward(self, member: Member, x: torch.Tensor) -> torch.Tensor:
         device = self.model.device
-        autocast = (
-            torch.autocast(device.type, dtype=self.opts.autocast_dtype)
-            if self.opts.autocast_dtype is not None
-            else nullcontext()
-        )
+        dtype = self.opts.autocast_dtype or self.model.autocast_dtype
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         fastpath = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(fastpath and not self.opts.sdpa_attention)
         try:

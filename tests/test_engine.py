@@ -23,6 +23,7 @@ from demucs.pretrained import get_model as demucs_get_model
 from synth import make_mixture
 from torch import nn
 
+from handler.errors import InvalidInput
 from handler.models import get_model, unload_all
 from handler.models.base import LoadedModel, Member
 from handler.pipeline import SeparationRequest, SeparationResult, separate_file
@@ -142,6 +143,25 @@ def test_separate_file_wav_matches_demucs(pipeline40, track40, reference40):
         # differs from demucs's by ~1e-6, which can flip a rounding: allow 1% of an LSB more.
         assert err <= 1.01
         assert snr >= 40
+
+
+def test_precision_setting(demucs_models, monkeypatch, track40):
+    model = get_model("htdemucs")
+    assert model.precision == "fp32" and model.autocast_dtype is None
+    unload_all()
+    monkeypatch.setenv("PRECISION", "bf16")  # autocast: the engine's forward runs under it
+    model = get_model("htdemucs")
+    assert model.precision == "bf16" and model.autocast_dtype == torch.bfloat16
+    seen: list[torch.dtype] = []
+    linear = next(m for name, m in model.members[0].module.named_modules()
+                  if name.endswith("linear1"))  # a transformer feed-forward layer
+    linear.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    out = separate_array(model, track40[:, :1000], EngineOptions(shifts=0))
+    assert seen and set(seen) == {torch.bfloat16} and out.dtype == np.float32
+    unload_all()
+    monkeypatch.setenv("PRECISION", "int8")
+    with pytest.raises(InvalidInput, match="PRECISION"):
+        get_model("htdemucs")
 
 
 def test_bag_with_per_source_weights_matches_demucs(demucs_models, track40, demucs_repo):

@@ -8,10 +8,12 @@ import time
 
 import torch
 
+from .. import config
 from ..config import device_name, torch_threads
 from ..errors import InvalidInput
 from .base import INSTRUMENTAL, VOCALS, LoadedModel, Member
 from .demucs_family import DEMUCS_MODELS
+from .precision import apply_precision
 
 __all__ = ["INSTRUMENTAL", "VOCALS", "LoadedModel", "Member", "KNOWN_MODELS", "get_model"]
 
@@ -58,7 +60,9 @@ def get_model(name: str) -> LoadedModel:
             from .demucs_family import load_demucs
 
             model = load_demucs(name, device)
-        log.info("loaded model %s on %s in %.2f s", name, device, time.perf_counter() - started)
+        apply_precision(model, config.precision())
+        log.info("loaded model %s on %s (%s) in %.2f s", name, device, model.precision,
+                 time.perf_counter() - started)
         _cache[name] = model
         return model
 

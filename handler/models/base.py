@@ -45,6 +45,8 @@ class LoadedModel:
     members: list[Member]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     default_overlap: float = 0.25  # demucs's; a job's ``overlap`` overrides it
+    precision: str = "fp32"  # see handler/models/precision.py
+    autocast_dtype: torch.dtype | None = None  # set by precision bf16/fp16
 
     @property
     def stems(self) -> list[str]:
