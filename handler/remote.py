@@ -71,13 +71,14 @@ def run_remote(
     client = RunPodClient(api_key=api_key)
     payload = {"input": {**_source(source), **job_input(req)}}
     job_id = client.post(f"{endpoint_id}/run", payload)["id"]
+    poll = _Poller(client)
     final: dict | None = None
     deadline = time.monotonic() + timeout_s
     while final is None:
         if time.monotonic() > deadline:
             raise InternalError(f"job {job_id} did not finish in {timeout_s:.0f} s")
         time.sleep(poll_s)
-        state = client.get(f"{endpoint_id}/stream/{job_id}")
+        state = poll(f"{endpoint_id}/stream/{job_id}")
         for chunk in state.get("stream") or []:
             item = chunk.get("output", chunk)
             if isinstance(item, dict) and item.get("status") == "progress":
@@ -90,7 +91,7 @@ def run_remote(
         if final is None and status in FINAL:
             if state.get("error"):
                 raise WorkerError(str(state["error"]))
-            result = client.get(f"{endpoint_id}/status/{job_id}")
+            result = poll(f"{endpoint_id}/status/{job_id}")
             output = result.get("output")
             final = output[-1] if isinstance(output, list) and output else output
             if final is None:
@@ -98,6 +99,27 @@ def run_remote(
     if "error" in final:
         raise _typed(str(final["error"]))
     return _download_outputs(final, out_dir)
+
+
+class _Poller:
+    """GET ``/stream`` and ``/status`` as the hosted API wants; the SDK's local API server
+    (``--rp_serve_api``) answers those with POST only (405 to a GET), so switch once then.
+    Its ``/stream`` runs the whole job in the call, hence the long read timeout."""
+
+    def __init__(self, client: Any, timeout_s: int = 3600):
+        self.client = client
+        self.timeout_s = timeout_s
+        self.method = "GET"
+
+    def __call__(self, path: str) -> dict:
+        if self.method == "GET":
+            try:
+                return self.client.get(path, timeout=self.timeout_s)
+            except requests.HTTPError as exc:
+                if exc.response is None or exc.response.status_code != 405:
+                    raise
+                self.method = "POST"
+        return self.client.post(path, {}, timeout=self.timeout_s)
 
 
 def _typed(text: str) -> WorkerError:

@@ -4,7 +4,7 @@
   real job loop (``run_job_generator``); ``/runsync``, ``/run`` + ``/status`` or ``/stream``.
 * ``handler.py --test_input`` / ``test_input.json``: our local runner (the SDK's own would
   never iterate a generator, and would exit 0 on failure).
-* remote mode's pieces (``handler/remote.py``) against the API server.
+* remote mode (``handler/remote.py``, ``demucs-separate --endpoint``) against the API server.
 
 Storage is moto over HTTP; the model is the real spleeter_2stems.
 """
@@ -216,45 +216,41 @@ def test_test_input_json_in_working_directory(s3_server, bucket, tmp_path):
 # --- remote mode (handler/remote.py) ------------------------------------------------------
 
 
-def test_remote_mode_pieces_against_the_api_server(api, s3_server, bucket, monkeypatch,
-                                                   tmp_path):
-    """What ``demucs-separate --endpoint`` does, against the real API server: upload the local
-    file to the bucket, submit the job with the SDK's RunPodClient, download the outputs.
+def test_remote_mode_end_to_end_against_the_api_server(api, s3_server, bucket, monkeypatch,
+                                                       tmp_path, capsys):
+    """``demucs-separate --endpoint`` against the SDK's real API server: the local file goes
+    to the bucket, the job is submitted with the SDK's RunPodClient, polled (the local server
+    answers POST where the hosted API wants GET: the client switches on the 405), and the
+    outputs come back into the output folder."""
+    import runpod
 
-    (``run_remote``'s polling can't run here: it GETs ``/stream`` and ``/status`` as the
-    hosted API wants, and the SDK's local server only answers POST there.)"""
-    from runpod.endpoint.runner import RunPodClient
-
-    from handler.pipeline import SeparationRequest
-    from handler.remote import _download_outputs, _source, job_input
+    from handler import cli
 
     for name, value in bucket_env(s3_server, bucket).items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RUNPOD_API_KEY", "local-test-key")
+    # The SDK builds f"{endpoint_url_base}/{endpoint_id}/run"; urllib3 removes the dot
+    # segment, so endpoint id ".." reaches the local server's /run, /stream and /status.
+    monkeypatch.setattr(runpod, "endpoint_url_base", api.url + "/v2")
     song = tmp_path / "my song.wav"
     samples = write_input(song, 2.0)
-    req = SeparationRequest(stems=["vocals", "instrumental"], output_format="flac",
-                            interval_cut=[1.0])
+    before = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)
+              .get("Contents", [])}
 
-    source = _source(str(song))
+    code = cli.main(["--input", str(song), "--output", str(tmp_path / "out"), "--endpoint", "..",
+                     "--stems", "vocals,instrumental", "--format", "flac", "--interval-cut", "1"])
 
-    uploaded = source["s3_uri"].removeprefix(f"s3://{bucket}/")
-    assert uploaded.startswith("separations/inputs/") and uploaded.endswith(".wav")
-    # The SDK builds f"{RUNPOD_ENDPOINT_BASE_URL}/{endpoint_id}/runsync"; urllib3 removes
-    # the dot segment, so endpoint id ".." reaches the local server's /runsync.
-    client = RunPodClient(api_key="local-test-key")
-    client.endpoint_url_base = api.url + "/v2"
-    body = client.post("../runsync", {"input": {**source, **job_input(req)}}, timeout=120)
-    assert body["status"] == "COMPLETED", body
-    _, final = split_output(body["output"])
-    check_final(final, n_outputs=4)
-
-    paths = _download_outputs(final, tmp_path / "out")
-
-    assert [p.name for p in paths] == ["vocals_000.flac", "vocals_001.flac",
-                                       "instrumental_000.flac", "instrumental_001.flac"]
+    assert code == 0, capsys.readouterr().err
+    paths = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in paths] == ["instrumental_000.flac", "instrumental_001.flac",
+                                       "vocals_000.flac", "vocals_001.flac"]
     for path, n in zip(paths, [44100, samples - 44100] * 2, strict=True):
         got = decode(path.read_bytes())
         assert (got.codec, got.samples, got.channels) == ("flac", n, 1)
+    after = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    uploaded = [k for k in after - before if k.startswith("separations/inputs/")]
+    assert len(uploaded) == 1 and uploaded[0].endswith(".wav")  # the local input, once
+    assert "%" in capsys.readouterr().err  # streamed progress was shown
 
 
 def test_remote_cli_without_api_key(monkeypatch, tmp_path, capsys):
