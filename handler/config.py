@@ -84,7 +84,7 @@ def cpu_quota() -> int:
 
 
 def precision() -> str:
-    """fp32 | bf16 | fp16 (handler/models/precision.py)."""
+    """fp32 | bf16 | fp16 (``PRECISIONS`` in handler/models/base.py)."""
     return env_str("PRECISION", "fp32").lower()
 
 

@@ -422,7 +422,6 @@ def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network
     return work
 
 
-
 def test_matrix_is_wide() -> None:
     codes = {c.code for c in CASES}
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)

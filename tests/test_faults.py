@@ -68,9 +68,6 @@ def clip() -> tuple[bytes, int]:
     return input_bytes(1.0)
 
 
-
-
-
 def bucket_env(monkeypatch: pytest.MonkeyPatch, endpoint: str, bucket: str) -> None:
     for name, value in {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_NAME": bucket,
                         "BUCKET_ACCESS_KEY_ID": LocalS3Server.access_key_id,

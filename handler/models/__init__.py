@@ -11,9 +11,8 @@ import torch
 from .. import config
 from ..config import device_name, torch_threads
 from ..errors import InvalidInput
-from .base import INSTRUMENTAL, VOCALS, LoadedModel, Member
+from .base import INSTRUMENTAL, PRECISIONS, VOCALS, LoadedModel, Member
 from .demucs_family import DEMUCS_MODELS
-from .precision import apply_precision
 
 __all__ = ["INSTRUMENTAL", "VOCALS", "LoadedModel", "Member", "KNOWN_MODELS", "get_model"]
 
@@ -49,6 +48,9 @@ def get_model(name: str) -> LoadedModel:
     with _lock:
         if name in _cache:
             return _cache[name]
+        precision = config.precision()
+        if precision not in PRECISIONS:
+            raise InvalidInput(f"PRECISION={precision!r}; expected one of {', '.join(PRECISIONS)}")
         _configure_threads()
         device = pick_device()
         started = time.perf_counter()
@@ -60,7 +62,7 @@ def get_model(name: str) -> LoadedModel:
             from .demucs_family import load_demucs
 
             model = load_demucs(name, device)
-        apply_precision(model, config.precision())
+        model.precision = precision
         log.info("loaded model %s on %s (%s) in %.2f s", name, device, model.precision,
                  time.perf_counter() - started)
         _cache[name] = model
