@@ -49,8 +49,9 @@ def child(mode: str, **kw) -> dict:
     """Run ``bench/cases.py MODE`` in a fresh process; returns its JSON (+ wall time)."""
     args = [sys.executable, str(ROOT / "bench" / "cases.py"), mode, json.dumps(kw)]
     env = {**os.environ}
-    if mode in OURS and tcmalloc() and not env.get("BENCH_GLIBC_MALLOC"):
-        env["LD_PRELOAD"] = tcmalloc()
+    preload = tcmalloc() if mode in OURS and not env.get("BENCH_GLIBC_MALLOC") else None
+    if preload:
+        env["LD_PRELOAD"] = preload
         env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
     started = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
