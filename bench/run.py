@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,13 +55,32 @@ def child(mode: str, **kw) -> dict:
         env["LD_PRELOAD"] = preload
         env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] = str(1 << 40)
     started = time.perf_counter()
-    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    trace: list[list[float]] = []  # [seconds, RSS MB] every 10 s: where a peak came from
+
+    def sample() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                kb = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                          if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                break
+            trace.append([round(time.perf_counter() - started), round(kb / 1024)])
+            time.sleep(10)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
+    sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{mode} failed:\n{stderr[-3000:]}")
+    out = json.loads(stdout.strip().splitlines()[-1])
     out["process_s"] = wall
     out["allocator"] = "tcmalloc" if "LD_PRELOAD" in env else "glibc"
+    out["rss_trace_mb"] = trace
     return out
 
 
@@ -241,6 +261,11 @@ def report(r: dict) -> None:
               f"peak RSS {b['peak_rss_mb']:.0f} MB vs 3-minute "
               f"{a['peak_rss_mb']:.0f} MB (ratio {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}); "
               f"job {b['job_s']:.0f} s")
+        trace = b.get("rss_trace_mb") or []
+        if trace:  # RSS through the hour, by tenths of the run
+            marks = [trace[min(len(trace) - 1, i * len(trace) // 10)] for i in range(10)]
+            print("RSS over the run: " + ", ".join(f"{t // 60:.0f} min {mb} MB"
+                                                   for t, mb in marks + [trace[-1]]))
 
 
 if __name__ == "__main__":

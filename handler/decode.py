@@ -138,7 +138,7 @@ def iter_blocks(
             while pending_len >= block:
                 data = np.concatenate(pending, axis=1)
                 yield from _emit(data[:, :block], stats, None, channels)
-                pending = [data[:, block:]]
+                pending = [data[:, block:].copy()]  # a view would pin all of `data`
                 pending_len = pending[0].shape[1]
 
         if stats.native_samples == 0:

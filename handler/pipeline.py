@@ -232,6 +232,7 @@ def separate_file(
             mixed = np.tensordot(matrix, out, axes=(1, 0))  # (stems, C, n)
             for writer, audio in zip(writers, mixed, strict=True):
                 writer.write(audio)
+            del out, mixed, audio  # free before the next chunk's activations are allocated
             encode_s += time.perf_counter() - t1
         t1 = time.perf_counter()
         files = [w.close() for w in writers]

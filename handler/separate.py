@@ -52,6 +52,63 @@ def crossfade_weight(segment_length: int, transition_power: float) -> torch.Tens
     return (weight / weight.max()) ** transition_power
 
 
+def _spans(a: int, b: int, cap: int) -> list[tuple[int, int, int]]:
+    """Positions [a, b) in a ring of ``cap`` slots, as (lo, hi, off) pieces (at most two):
+    slots [lo, hi) hold positions a + off onwards."""
+    pieces = []
+    off = 0
+    while a + off < b:
+        lo = (a + off) % cap
+        hi = min(cap, lo + b - a - off)
+        pieces.append((lo, hi, off))
+        off += hi - lo
+    return pieces
+
+
+class _InputRing:
+    """The decoded input no lane has finished with, in one buffer allocated up front.
+
+    Fixed-size buffers keep the heap the same shape chunk after chunk (a fresh, differently
+    sized array every block lets the allocator's free space fragment around the network's
+    activations, and RSS creeps up over an hour-long input).
+    """
+
+    def __init__(self, channels: int, capacity: int):
+        self.buf = np.zeros((channels, max(1, capacity)), np.float32)
+        self.start = 0  # oldest position kept
+        self.end = 0  # next position to write
+
+    def append(self, block: np.ndarray) -> None:
+        n = block.shape[1]
+        if self.end + n - self.start > self.buf.shape[1]:
+            self._grow(self.end + n - self.start)
+        for lo, hi, off in _spans(self.end, self.end + n, self.buf.shape[1]):
+            self.buf[:, lo:hi] = block[:, off:off + hi - lo]
+        self.end += n
+
+    def read_into(self, out: np.ndarray, a: int) -> None:
+        """out[:, i] = input position a + i, zero outside what is held."""
+        b = a + out.shape[1]
+        lo, hi = max(a, self.start), min(b, self.end)
+        if hi <= lo:
+            out.fill(0)
+            return
+        out[:, :lo - a] = 0
+        out[:, hi - a:] = 0
+        for rlo, rhi, off in _spans(lo, hi, self.buf.shape[1]):
+            out[:, lo - a + off:lo - a + off + rhi - rlo] = self.buf[:, rlo:rhi]
+
+    def drop_before(self, pos: int) -> None:
+        self.start = max(self.start, min(pos, self.end))
+
+    def _grow(self, needed: int) -> None:
+        held = np.empty((self.buf.shape[0], self.end - self.start), np.float32)
+        self.read_into(held, self.start)
+        self.buf = np.zeros((self.buf.shape[0], max(needed, 2 * self.buf.shape[1])), np.float32)
+        for lo, hi, off in _spans(self.start, self.end, self.buf.shape[1]):
+            self.buf[:, lo:hi] = held[:, off:off + hi - lo]
+
+
 class _Lane:
     def __init__(self, member: Member, prefix: int, segment_length: int, opts: EngineOptions):
         self.member = member
@@ -64,9 +121,11 @@ class _Lane:
         self.valid_full = self._valid(segment_length)
         self.offset = 0  # next chunk's start, lane coordinates
         self.emitted = 0  # lane samples handed to the combiner
-        self.acc: torch.Tensor | None = None  # (S, C, n) weighted sum from acc_start
-        self.sumw: torch.Tensor | None = None
-        self.acc_start = 0
+        # Weighted sums as rings over lane positions [emitted, emitted + capacity): a batch
+        # of chunks reaches (batch - 1) strides plus one segment past the next chunk's start.
+        self.capacity = segment_length + (opts.batch_size - 1) * self.stride
+        self.acc: torch.Tensor | None = None  # (S, C, capacity)
+        self.sumw: torch.Tensor | None = None  # (capacity,)
         self.done = False
         self.chunks_done = 0
 
@@ -140,22 +199,25 @@ class Separator:
     ) -> Iterator[np.ndarray]:
         channels = self.model.audio_channels
         source = iter(blocks)
-        inbuf = np.zeros((channels, 0), np.float32)
-        in_start = 0  # input position of inbuf[:, 0]
+        # What lanes still need: about two windows each, the shift spread and a decoded block.
+        rate = self.model.samplerate
+        ring = _InputRing(channels, max(2 * la.valid_full + la.prefix for la in self.lanes)
+                          + 10 * rate)
+        chunk_bufs: dict[tuple[int, int], np.ndarray] = {}  # (batch, valid) -> reused input
         total: int | None = None
         lane_out: list[list[torch.Tensor]] = [[] for _ in self.lanes]  # input coordinates
         lane_pos = [0] * len(self.lanes)  # input samples each lane has delivered
         combined_pos = 0
 
         def total_chunks() -> int:
-            seen = in_start + inbuf.shape[1]
+            seen = ring.end
             n = total if total is not None else max(expected_samples or 0, seen)
             return sum(lane.chunks_total(n) for lane in self.lanes)
 
         while True:
             if should_stop is not None and should_stop():
                 raise Cancelled("the job was cancelled")
-            available = in_start + inbuf.shape[1]
+            available = ring.end
             batch = self._next_batch(total, available)
             if batch is None:
                 if total is None:
@@ -165,14 +227,19 @@ class Separator:
                     else:
                         if block.shape[0] != channels:
                             raise ValueError(f"expected {channels} channels, got {block.shape[0]}")
-                        inbuf = np.concatenate([inbuf, block.astype(np.float32, copy=False)], 1)
+                        ring.append(block.astype(np.float32, copy=False))
                     continue
                 break  # every lane is done
             lane_idx, windows = batch
             lane = self.lanes[lane_idx]
-            x = torch.from_numpy(
-                np.stack([self._slice(inbuf, in_start, total, lane, s, v) for s, v, _ in windows])
-            )
+            valid = windows[0][1]
+            xbuf = chunk_bufs.get((len(windows), valid))
+            if xbuf is None:
+                xbuf = chunk_bufs[(len(windows), valid)] = np.empty(
+                    (len(windows), channels, valid), np.float32)
+            for row, (start, _, _) in zip(xbuf, windows, strict=True):
+                ring.read_into(row, start - lane.prefix)  # zeros outside the track
+            x = torch.from_numpy(xbuf)
             out = self._forward(lane.member, x)
             for (_, valid, chunk), y in zip(windows, out, strict=True):
                 trim = (valid - chunk) // 2
@@ -190,11 +257,7 @@ class Separator:
             if ready > combined_pos:
                 yield self._combine(lane_out, ready - combined_pos)
                 combined_pos = ready
-            keep_from = min(la.offset - la.valid_full - la.prefix for la in self.lanes)
-            if keep_from > in_start:
-                drop = min(keep_from - in_start, inbuf.shape[1])
-                inbuf = inbuf[:, drop:]
-                in_start += drop
+            ring.drop_before(min(la.offset - la.valid_full - la.prefix for la in self.lanes))
 
     # -- internals ----------------------------------------------------------------------------
     def _next_batch(
@@ -222,21 +285,6 @@ class Separator:
             return i, windows
         return None
 
-    @staticmethod
-    def _slice(
-        inbuf: np.ndarray, in_start: int, total: int | None, lane: _Lane, start: int, valid: int
-    ) -> np.ndarray:
-        """Input [start, start+valid) in lane coordinates, zeros outside the track."""
-        a = start - lane.prefix - in_start
-        b = a + valid
-        out = np.zeros((inbuf.shape[0], valid), np.float32)
-        lo, hi = max(a, 0), min(b, inbuf.shape[1])
-        if total is not None:
-            hi = min(hi, total - in_start)
-        if hi > lo:
-            out[:, lo - a:hi - a] = inbuf[:, lo:hi]
-        return out
-
     def _forward(self, member: Member, x: torch.Tensor) -> torch.Tensor:
         device = self.model.device
         dtype = self.opts.autocast_dtype or self.model.autocast_dtype
@@ -252,20 +300,14 @@ class Separator:
 
     @staticmethod
     def _accumulate(lane: _Lane, y: torch.Tensor, chunk: int) -> None:
-        end = lane.offset + chunk
         if lane.acc is None:
-            lane.acc = torch.zeros(*y.shape[:-1], 0)
-            lane.sumw = torch.zeros(0)
-            lane.acc_start = lane.offset
-        assert lane.sumw is not None
-        have = lane.acc_start + lane.acc.shape[-1]
-        if end > have:
-            lane.acc = torch.cat([lane.acc, torch.zeros(*y.shape[:-1], end - have)], -1)
-            lane.sumw = torch.cat([lane.sumw, torch.zeros(end - have)])
-        a = lane.offset - lane.acc_start
-        w = lane.weight[:chunk]
-        lane.acc[..., a:a + chunk] += w * y
-        lane.sumw[a:a + chunk] += w
+            lane.acc = torch.zeros(*y.shape[:-1], lane.capacity)
+            lane.sumw = torch.zeros(lane.capacity)
+        assert lane.sumw is not None and lane.offset + chunk - lane.emitted <= lane.capacity
+        for lo, hi, off in _spans(lane.offset, lane.offset + chunk, lane.capacity):
+            w = lane.weight[off:off + hi - lo]
+            lane.acc[..., lo:hi] += w * y[..., off:off + hi - lo]
+            lane.sumw[lo:hi] += w
 
     @staticmethod
     def _finish(lane: _Lane, total: int | None) -> torch.Tensor | None:
@@ -277,11 +319,11 @@ class Separator:
             end = lane.offset  # the next chunk starts here
         if end <= lane.emitted or lane.acc is None or lane.sumw is None:
             return None
-        a, b = lane.emitted - lane.acc_start, end - lane.acc_start
-        out = lane.acc[..., a:b] / lane.sumw[a:b]
-        lane.acc = lane.acc[..., b:]
-        lane.sumw = lane.sumw[b:]
-        lane.acc_start = end
+        out = torch.empty(*lane.acc.shape[:-1], end - lane.emitted)
+        for lo, hi, off in _spans(lane.emitted, end, lane.capacity):
+            torch.div(lane.acc[..., lo:hi], lane.sumw[lo:hi], out=out[..., off:off + hi - lo])
+            lane.acc[..., lo:hi] = 0  # the slots are reused for later positions
+            lane.sumw[lo:hi] = 0
         skip = max(0, lane.prefix - lane.emitted)  # shift trick: drop the zero prefix
         lane.emitted = end
         return out[..., skip:] if skip < out.shape[-1] else None

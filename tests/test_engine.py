@@ -365,12 +365,17 @@ def test_long_stream_buffers_stay_bounded():
     run = sep.run(blocks(), expected_samples=None)
     pos = 0
     peak = {"input": 0, "acc": 0, "finished": 0, "ahead": 0}
+    buffers: set[tuple[int, ...]] = set()
     worst = 0.0
     for out in run:
         frame = run.gi_frame.f_locals  # the generator's live state between yields
-        peak["input"] = max(peak["input"], frame["inbuf"].shape[1])
+        ring = frame["ring"]
+        peak["input"] = max(peak["input"], ring.end - ring.start)
         peak["acc"] = max(peak["acc"], *(la.acc.shape[-1] for la in sep.lanes
                                          if la.acc is not None))
+        # Steady state allocates nothing that lives on: the same buffers from first to last.
+        buffers.add((ring.buf.ctypes.data, *(la.acc.data_ptr() for la in sep.lanes
+                                              if la.acc is not None)))
         peak["finished"] = max(peak["finished"], *(sum(p.shape[-1] for p in parts)
                                                    for parts in frame["lane_out"]))
         peak["ahead"] = max(peak["ahead"], pulled - pos)
@@ -384,6 +389,7 @@ def test_long_stream_buffers_stay_bounded():
     assert peak["acc"] <= seg
     assert peak["finished"] <= seg
     assert peak["ahead"] <= 3 * seg
+    assert len({b for b in buffers if len(b) == 1 + len(sep.lanes)}) == 1
 
 
 # --- edge lengths -----------------------------------------------------------------------------
