@@ -228,6 +228,7 @@ class Separator:
                         if block.shape[0] != channels:
                             raise ValueError(f"expected {channels} channels, got {block.shape[0]}")
                         ring.append(block.astype(np.float32, copy=False))
+                        del block  # see _InputRing: nothing but the rings outlives a chunk
                     continue
                 break  # every lane is done
             lane_idx, windows = batch
@@ -246,10 +247,12 @@ class Separator:
                 self._accumulate(lane, y[..., trim:trim + chunk], chunk)
                 lane.offset += lane.stride
                 lane.chunks_done += 1
+            del out, x, y
             finished = self._finish(lane, total)
             if finished is not None:
                 lane_out[lane_idx].append(finished)
                 lane_pos[lane_idx] += finished.shape[-1]
+                del finished
             if progress is not None:
                 progress(sum(la.chunks_done for la in self.lanes), total_chunks())
             # Combine what every lane has finished, and drop input no lane needs any more.

@@ -27,7 +27,7 @@ from handler.errors import InvalidInput
 from handler.models import get_model, unload_all
 from handler.models.base import LoadedModel, Member
 from handler.pipeline import SeparationRequest, SeparationResult, separate_file
-from handler.separate import EngineOptions, Separator, separate_array
+from handler.separate import EngineOptions, Separator, _InputRing, separate_array
 
 SR = 44100
 
@@ -390,6 +390,34 @@ def test_long_stream_buffers_stay_bounded():
     assert peak["finished"] <= seg
     assert peak["ahead"] <= 3 * seg
     assert len({b for b in buffers if len(b) == 1 + len(sep.lanes)}) == 1
+
+
+def test_input_ring_matches_a_plain_buffer_through_wraps_and_growth():
+    """The engine's input ring against the obvious implementation (one growing array)."""
+    rng = np.random.default_rng(0)
+    ring = _InputRing(2, 50)
+    plain = np.zeros((2, 0), np.float32)
+    start = grown = most = 0
+    for _ in range(400):
+        block = rng.standard_normal((2, int(rng.integers(1, 40)))).astype(np.float32)
+        before = ring.buf
+        ring.append(block)
+        grown += ring.buf is not before
+        plain = np.concatenate([plain, block], 1)
+        start = max(start, min(len(plain[0]), start + int(rng.integers(0, 40))))
+        ring.drop_before(start)
+        assert (ring.start, ring.end) == (start, plain.shape[1])
+        a = start + int(rng.integers(-30, 30))
+        out = np.full((2, int(rng.integers(1, 80))), np.nan, np.float32)
+        ring.read_into(out, a)
+        want = np.zeros_like(out)
+        lo, hi = max(a, start), min(a + out.shape[1], plain.shape[1])
+        if hi > lo:
+            want[:, lo - a:hi - a] = plain[:, lo:hi]
+        np.testing.assert_array_equal(out, want)
+        most = max(most, ring.end - ring.start + block.shape[1])
+    assert grown >= 1  # it did grow, and wraps in place otherwise:
+    assert ring.buf.shape[1] <= 2 * most
 
 
 # --- edge lengths -----------------------------------------------------------------------------
