@@ -66,7 +66,8 @@ def _spans(a: int, b: int, cap: int) -> list[tuple[int, int, int]]:
 
 
 class _InputRing:
-    """The decoded input no lane has finished with, in one buffer allocated up front.
+    """The decoded input no lane has finished with, in one buffer allocated up front (it
+    grows, doubling, only if the input ever outruns it).
 
     Fixed-size buffers keep the heap the same shape chunk after chunk (a fresh, differently
     sized array every block lets the allocator's free space fragment around the network's
@@ -105,8 +106,8 @@ class _InputRing:
         held = np.empty((self.buf.shape[0], self.end - self.start), np.float32)
         self.read_into(held, self.start)
         self.buf = np.zeros((self.buf.shape[0], max(needed, 2 * self.buf.shape[1])), np.float32)
-        for lo, hi, off in _spans(self.start, self.end, self.buf.shape[1]):
-            self.buf[:, lo:hi] = held[:, off:off + hi - lo]
+        self.end = self.start
+        self.append(held)  # back at the same positions, in the larger ring
 
 
 class _Lane:
