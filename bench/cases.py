@@ -63,7 +63,7 @@ def demucs_cli(model: str, repo: str, input: str, out: str) -> dict:
 
 
 def our_cli(model: str, input: str, out: str) -> dict:
-    from handler.cli import main
+    from handler.adapters.cli import main
 
     started = time.perf_counter()
     rc = main(["--input", input, "--output", out, "--model", model, "--all-stems",
@@ -103,8 +103,8 @@ def our_job(model: str, audio_url: str, bucket_env: dict) -> dict:
 
     os.environ.update(bucket_env)
     os.environ["MAX_DOWNLOAD_MB"] = "4096"
-    from handler.job import run_job
-    from handler.models import get_model
+    from handler.core.models import get_model
+    from handler.service.job import run_job
 
     get_model(model)  # the worker loads its model at cold start, before taking jobs
     started = time.perf_counter()
@@ -119,8 +119,8 @@ def our_job(model: str, audio_url: str, bucket_env: dict) -> dict:
 def snr(model: str, input: str, ref: str, offsets: list[int]) -> dict:
     import numpy as np
 
-    from handler.models import get_model
-    from handler.separate import EngineOptions, separate_array
+    from handler.core.engine import EngineOptions, separate_array
+    from handler.core.models import get_model
 
     reference = np.load(ref)
     ours = separate_array(get_model(model), load_wav(input).numpy(),

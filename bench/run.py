@@ -91,7 +91,7 @@ def write_input(path: Path, seconds: float, seed: int = 3) -> None:
     import soundfile as sf
     from synth import make_mixture
 
-    from handler.encode import open_writer
+    from handler.core.encode import open_writer
 
     block = 60.0
     if path.suffix == ".mp3":

@@ -68,7 +68,7 @@ def convert_spleeter(dest: Path) -> None:
     """Pickled numpy checkpoints -> safetensors (no pickle at run time, ~20x faster to load)."""
     from safetensors.torch import save_file
 
-    from handler.models.spleeter import load_checkpoint
+    from handler.core.models.spleeter import load_checkpoint
 
     for ckpt in sorted((dest / SPLEETER).glob("*.ckpt")):
         tensors = {k: v.contiguous() for k, v in load_checkpoint(ckpt).items()}
@@ -89,8 +89,8 @@ def verify(name: str) -> float:
     """Load through the worker's own code and separate one second; returns load seconds."""
     import numpy as np
 
-    from handler.models import get_model
-    from handler.separate import EngineOptions, separate_array
+    from handler.core.engine import EngineOptions, separate_array
+    from handler.core.models import get_model
 
     started = time.perf_counter()
     model = get_model(name)

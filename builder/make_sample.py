@@ -21,7 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def sample_base64(seconds: float = 4.0) -> str:
     from synth import make_mixture
 
-    from handler.encode import open_writer
+    from handler.core.encode import open_writer
 
     mix = make_mixture(seconds, seed=7)["mixture"]
     with tempfile.TemporaryDirectory() as tmp:

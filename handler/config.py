@@ -92,7 +92,7 @@ def torch_threads() -> int:
     return env_int("TORCH_THREADS", cpu_quota())
 
 
-# --- networking / storage (handler/fetch.py, handler/storage.py) ---
+# --- networking / storage (handler/transfer/) ---
 
 
 def retry_backoff_s() -> float:

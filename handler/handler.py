@@ -28,8 +28,8 @@ import logging  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 from handler import config  # noqa: E402
-from handler.job import run_job  # noqa: E402
 from handler.redact import install_log_redaction, install_stream_redaction  # noqa: E402
+from handler.service.job import run_job  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -41,7 +41,7 @@ def handler(job: dict) -> Iterator[dict]:
 
 def warm_up() -> None:
     """Load the default model now, so the first job does not pay for it."""
-    from handler.models import get_model, pick_device
+    from handler.core.models import get_model, pick_device
 
     device = pick_device()
     if config.env_bool("REQUIRE_CUDA") and device.type != "cuda":

@@ -38,7 +38,7 @@ def main() -> int:
     from moto.server import ThreadedMotoServer
     from synth import make_mixture
 
-    from handler.encode import open_writer
+    from handler.core.encode import open_writer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request log
     port = free_port()

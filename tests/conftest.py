@@ -93,7 +93,7 @@ def demucs_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demucs_models(demucs_repo: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """MODELS_DIR -> ``demucs_repo``, with the per-process model cache emptied before and
     after the test (so no other test sees these random weights)."""
-    from handler.models import unload_all
+    from handler.core.models import unload_all
 
     monkeypatch.setenv("MODELS_DIR", str(demucs_repo))
     unload_all()
@@ -107,7 +107,7 @@ def demucs_models(demucs_repo: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def demucs_models_module(demucs_repo: Path) -> Iterator[Path]:
     """As ``demucs_models`` for a whole module: the loaded models stay cached between its
     tests (loading costs about half a second each time)."""
-    from handler.models import unload_all
+    from handler.core.models import unload_all
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MODELS_DIR", str(demucs_repo))

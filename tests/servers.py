@@ -329,7 +329,7 @@ class LocalS3Server:
 
     def settings(self, bucket: str, **overrides: Any) -> Any:
         """handler.storage.S3Settings pointing at this server and ``bucket``."""
-        from handler.storage import S3Settings
+        from handler.transfer.s3 import S3Settings
 
         values: dict[str, Any] = {
             "endpoint_url": self.endpoint_url,

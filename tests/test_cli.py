@@ -20,7 +20,7 @@ from fixtures_audio import native_decode
 from servers import Serve
 from synth import make_mixture
 
-from handler.cli import main
+from handler.adapters.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 44100
@@ -40,7 +40,7 @@ SONG_SAMPLES = round(2.6 * RATE)
 
 def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "handler.cli", *args], cwd=ROOT, env={**os.environ, **env},
+        [sys.executable, "-m", "handler.adapters.cli", *args], cwd=ROOT, env={**os.environ, **env},
         capture_output=True, text=True, timeout=timeout,
     )
 

@@ -14,9 +14,9 @@ import pytest
 from fixtures_audio import FORMATS, Made, chord_signal, make, native_decode, random_bytes
 from fixtures_audio import write_audio as write_audio_file
 
-from handler.decode import DecodeStats, iter_blocks, probe
+from handler.core.decode import DecodeStats, iter_blocks, probe
+from handler.core.pipeline import SeparationRequest, separate_file
 from handler.errors import UnsupportedAudio
-from handler.pipeline import SeparationRequest, separate_file
 
 RATE = 44100
 

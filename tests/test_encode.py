@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 from fixtures_audio import chord_signal, native_decode
 
-from handler.decode import probe
-from handler.encode import Mp3Writer, open_writer
+from handler.core.decode import probe
+from handler.core.encode import Mp3Writer, open_writer
 
 RATE = 44100
 

@@ -23,11 +23,11 @@ from demucs.pretrained import get_model as demucs_get_model
 from synth import make_mixture
 from torch import nn
 
+from handler.core.engine import EngineOptions, Separator, _InputRing, separate_array
+from handler.core.models import get_model, unload_all
+from handler.core.models.base import LoadedModel, Member
+from handler.core.pipeline import SeparationRequest, SeparationResult, separate_file
 from handler.errors import InvalidInput
-from handler.models import get_model, unload_all
-from handler.models.base import LoadedModel, Member
-from handler.pipeline import SeparationRequest, SeparationResult, separate_file
-from handler.separate import EngineOptions, Separator, _InputRing, separate_array
 
 SR = 44100
 

@@ -36,8 +36,8 @@ from worker_helpers import (
     run_in_process,
 )
 
-from handler import storage
 from handler.errors import UploadFailed
+from handler.transfer import s3
 
 MB = 1024 * 1024
 
@@ -58,7 +58,7 @@ def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network
 @pytest.fixture(scope="module", autouse=True)
 def model_loaded() -> None:
     """Load the model first, so the time bounds below measure the faults, not the load."""
-    from handler.models import get_model
+    from handler.core.models import get_model
 
     get_model("spleeter_2stems")
 
@@ -259,7 +259,7 @@ def test_disk_full(tiny_disk, monkeypatch, http_server, clip):
 RLIMIT_SCRIPT = r"""
 import base64, json, resource, signal, sys
 from worker_helpers import input_bytes
-from handler.job import run_job
+from handler.service.job import run_job
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
 data, _ = input_bytes(float(sys.argv[1]))
@@ -295,8 +295,8 @@ def test_disk_full_rlimit(tmp_path, work_dir, tmpfs_unavailable):
 
 
 def test_cancel_mid_separation(work_dir, clip):
-    from handler.job import run_job
-    from handler.models import get_model, loaded_models
+    from handler.core.models import get_model, loaded_models
+    from handler.service.job import run_job
 
     model = get_model("spleeter_2stems")
     data, _ = clip
@@ -436,9 +436,9 @@ def test_interrupted_multipart_upload_leaves_nothing(s3_server, big_file, monkey
     port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
 
     with CuttingProxy(port, cut_after=4 * MB) as proxy:
-        client = storage.make_client(s3_server.settings(bucket, endpoint_url=proxy.url))
+        client = s3.make_client(s3_server.settings(bucket, endpoint_url=proxy.url))
         with pytest.raises(UploadFailed) as info:
-            storage.upload_file(client, big_file, bucket, key, "audio/wav")
+            s3.upload_file(client, big_file, bucket, key, "audio/wav")
         assert proxy.resets >= 2  # the 16 MB part, tried S3_MAX_ATTEMPTS times
 
     assert str(info.value).startswith(f"UPLOAD_FAILED: could not upload s3://{bucket}/{key}: ")
@@ -449,8 +449,8 @@ def test_interrupted_multipart_upload_leaves_nothing(s3_server, big_file, monkey
 
     # The same proxy without cuts: the upload goes through whole (the fault was the cuts).
     with CuttingProxy(port, cut_after=None) as proxy:
-        client = storage.make_client(s3_server.settings(bucket, endpoint_url=proxy.url))
-        storage.upload_file(client, big_file, bucket, key, "audio/wav")
+        client = s3.make_client(s3_server.settings(bucket, endpoint_url=proxy.url))
+        s3.upload_file(client, big_file, bucket, key, "audio/wav")
     body = direct.get_object(Bucket=bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).digest() == hashlib.sha256(big_file.read_bytes()).digest()
 

@@ -20,8 +20,8 @@ from servers import (
 )
 
 from handler.errors import DownloadFailed, InvalidInput
-from handler.fetch import download
 from handler.redact import install_log_redaction, register_secret
+from handler.transfer.http import download
 
 BODY = os.urandom(700 * 1024)  # > 2 progress steps of 256 KiB
 FAST = {"allow_private": True, "timeout_s": 2.0, "backoff_s": 0.01}

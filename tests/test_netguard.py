@@ -7,8 +7,8 @@ import ipaddress
 import pytest
 from servers import LocalHTTPServer, Serve
 
-from handler import netguard
 from handler.errors import DownloadFailed, InvalidInput
+from handler.transfer import netguard
 
 
 @pytest.mark.parametrize(

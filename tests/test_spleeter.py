@@ -14,9 +14,9 @@ import pytest
 import torch
 from synth import make_mixture
 
+from handler.core.models import spleeter as sp
+from handler.core.models.base import LoadedModel
 from handler.errors import ModelUnavailable
-from handler.models import spleeter as sp
-from handler.models.base import LoadedModel
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +173,8 @@ def test_pipeline_improves_instrumental_over_several_chunks(tmp_path):
     on a 30 s song: three chunks and two crossfades, still a clear SDR gain."""
     import soundfile as sf
 
-    from handler.models import get_model
-    from handler.pipeline import SeparationRequest, separate_file
+    from handler.core.models import get_model
+    from handler.core.pipeline import SeparationRequest, separate_file
 
     song = make_mixture(30.0, seed=5)
     src = tmp_path / "song.wav"

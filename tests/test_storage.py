@@ -14,10 +14,10 @@ import requests
 from botocore.exceptions import EndpointConnectionError
 from servers import AcceptPut, LocalHTTPServer, LocalS3Server, Status
 
-from handler import storage
 from handler.errors import DownloadFailed, InvalidInput, UploadFailed
 from handler.redact import scrub
-from handler.storage import S3Settings
+from handler.transfer import s3 as storage
+from handler.transfer.s3 import S3Settings
 
 MB = 1024 * 1024
 

@@ -152,7 +152,7 @@ def test_too_long(monkeypatch, work_dir, good_input):
 
 @pytest.fixture
 def empty_models_dir(monkeypatch, tmp_path):
-    from handler.models import unload_all
+    from handler.core.models import unload_all
 
     empty = tmp_path / "models"
     empty.mkdir()

@@ -224,7 +224,7 @@ def test_remote_mode_end_to_end_against_the_api_server(api, s3_server, bucket, m
     outputs come back into the output folder."""
     import runpod
 
-    from handler import cli
+    from handler.adapters import cli
 
     for name, value in bucket_env(s3_server, bucket).items():
         monkeypatch.setenv(name, value)
@@ -256,7 +256,7 @@ def test_remote_mode_end_to_end_against_the_api_server(api, s3_server, bucket, m
 def test_remote_cli_without_api_key(monkeypatch, tmp_path, capsys):
     import runpod
 
-    from handler import cli
+    from handler.adapters import cli
 
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     monkeypatch.setattr(runpod, "api_key", None)  # as with no ~/.runpod/config.toml

@@ -44,7 +44,7 @@ def write_input(path: Path, seconds: float = 2.0, fmt: str = "wav", seed: int = 
     gapless writer); returns its length in samples."""
     audio = input_audio(seconds, seed)
     if fmt == "mp3":
-        from handler.encode import open_writer
+        from handler.core.encode import open_writer
 
         writer = open_writer(path, "mp3", RATE, 2, 192)
         writer.write(audio)
@@ -82,7 +82,7 @@ class JobRun:
 def run_in_process(job: dict) -> JobRun:
     """Iterate ``handler.job.run_job(job)`` to the end; split progress items from the final
     one, checking that every item before the last is a progress item."""
-    from handler.job import run_job
+    from handler.service.job import run_job
 
     items = list(run_job(job))
     assert items, "the job yielded nothing"

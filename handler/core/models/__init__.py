@@ -8,11 +8,11 @@ import time
 
 import torch
 
-from .. import config
-from ..config import device_name, torch_threads
-from ..errors import InvalidInput
-from .base import INSTRUMENTAL, PRECISIONS, VOCALS, LoadedModel, Member
-from .demucs_family import DEMUCS_MODELS
+from handler import config
+from handler.config import device_name, torch_threads
+from handler.core.models.base import INSTRUMENTAL, PRECISIONS, VOCALS, LoadedModel, Member
+from handler.core.models.demucs_family import DEMUCS_MODELS
+from handler.errors import InvalidInput
 
 __all__ = ["INSTRUMENTAL", "VOCALS", "LoadedModel", "Member", "KNOWN_MODELS", "get_model"]
 
@@ -55,11 +55,11 @@ def get_model(name: str) -> LoadedModel:
         device = pick_device()
         started = time.perf_counter()
         if name in SPLEETER_MODELS:
-            from .spleeter import load_spleeter
+            from handler.core.models.spleeter import load_spleeter
 
             model = load_spleeter(device)
         else:
-            from .demucs_family import load_demucs
+            from handler.core.models.demucs_family import load_demucs
 
             model = load_demucs(name, device)
         model.precision = precision

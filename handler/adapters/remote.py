@@ -16,9 +16,9 @@ from typing import Any
 
 import requests
 
-from . import storage
-from .errors import DownloadFailed, InternalError, InvalidInput, WorkerError
-from .pipeline import SeparationRequest
+from handler.core.pipeline import SeparationRequest
+from handler.errors import DownloadFailed, InternalError, InvalidInput, WorkerError
+from handler.transfer import s3
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
@@ -45,15 +45,15 @@ def _source(source: str) -> dict[str, str]:
     path = Path(source).expanduser()
     if not path.is_file():
         raise InvalidInput(f"input file not found: {source}")
-    settings = storage.S3Settings.from_env()
+    settings = s3.S3Settings.from_env()
     if not settings.configured:
         raise InvalidInput("uploading a local file needs BUCKET_NAME/BUCKET_* set "
                            "(or pass an http(s) URL as --input)")
-    client = storage.make_client(settings)
+    client = s3.make_client(settings)
     assert settings.bucket is not None
-    key = storage.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
+    key = s3.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
     key = f"{key.rstrip('.')}{path.suffix}"
-    storage.upload_file(client, path, settings.bucket, key, "application/octet-stream")
+    s3.upload_file(client, path, settings.bucket, key, "application/octet-stream")
     return {"s3_uri": f"s3://{settings.bucket}/{key}"}
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import Cancelled
-from .models.base import LoadedModel, Member
+from handler.core.models.base import LoadedModel, Member
+from handler.errors import Cancelled
 
 
 @dataclass

@@ -17,9 +17,10 @@ import requests
 from urllib3.exceptions import IncompleteRead as Urllib3IncompleteRead
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
-from handler import config, netguard
+from handler import config
 from handler.errors import DownloadFailed, InvalidInput
 from handler.redact import redact_url, scrub
+from handler.transfer import netguard
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import warnings
 
 import torch
 
-from ..config import models_dir
-from ..errors import ModelUnavailable
-from .base import LoadedModel, Member
+from handler.config import models_dir
+from handler.core.models.base import LoadedModel, Member
+from handler.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
 

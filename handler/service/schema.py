@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .encode import MP3_BITRATES
-from .errors import InvalidInput
-from .pipeline import SeparationRequest
+from handler.core.encode import MP3_BITRATES
+from handler.core.pipeline import SeparationRequest
+from handler.errors import InvalidInput
 
 _SECRET_FIELDS = ("accessSecret", "accessId")
 

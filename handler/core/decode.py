@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from .errors import UnsupportedAudio
+from handler.errors import UnsupportedAudio
 
 log = logging.getLogger(__name__)
 

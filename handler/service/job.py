@@ -23,8 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import config, netguard, storage
-from .errors import (
+from handler import config
+from handler.core.models import get_model
+from handler.core.pipeline import (
+    SeparationResult,
+    StemOutput,
+    resolve_stems,
+    separate_file,
+    validate,
+)
+from handler.errors import (
     Cancelled,
     InternalError,
     InvalidInput,
@@ -32,11 +40,10 @@ from .errors import (
     WorkerError,
     as_worker_error,
 )
-from .fetch import download
-from .models import get_model
-from .pipeline import SeparationResult, StemOutput, resolve_stems, separate_file, validate
-from .redact import redact_url
-from .schema import JobInput, decode_base64_audio, parse_job_input, parse_s3_config
+from handler.redact import redact_url
+from handler.service.schema import JobInput, decode_base64_audio, parse_job_input, parse_s3_config
+from handler.transfer import netguard, s3
+from handler.transfer.http import download
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +102,22 @@ class _Destination:
 
 
 class _Bucket(_Destination):
-    def __init__(self, settings: storage.S3Settings, key_for: Callable[[str, str], str]):
+    def __init__(self, settings: s3.S3Settings, key_for: Callable[[str, str], str]):
         self.settings = settings
         self.key_for = key_for  # (file name without extension, extension) -> key
         self._client: Any = None
 
     def client(self) -> Any:
         if self._client is None:
-            self._client = storage.make_client(self.settings)
+            self._client = s3.make_client(self.settings)
         return self._client
 
     def store(self, output: StemOutput, name: str) -> dict:
         key = self.key_for(name, output.file.format)
         assert self.settings.bucket is not None
-        storage.upload_file(self.client(), output.file.path, self.settings.bucket, key,
+        s3.upload_file(self.client(), output.file.path, self.settings.bucket, key,
                             output.file.content_type)
-        url = storage.presign_get(self.client(), self.settings.bucket, key,
+        url = s3.presign_get(self.client(), self.settings.bucket, key,
                                   self.settings.presign_expiry_s)
         return {"url": url, "key": key, "bucket": self.settings.bucket}
 
@@ -149,7 +156,7 @@ class _PresignedPut(_Destination):
         else:
             url = self.urls[self._next]
             self._next += 1
-        storage.put_presigned(url, output.file.path, output.file.content_type)
+        s3.put_presigned(url, output.file.path, output.file.content_type)
         return {"url": redact_url(url), "key": None}
 
 
@@ -176,20 +183,20 @@ def _destination(inp: JobInput, s3_config: Any, ctx: _Context,
     if inp.output_urls is not None:
         return _PresignedPut(inp.output_urls)
     if s3_config is not None:
-        settings = storage.S3Settings.from_s3_config(s3_config.model_dump())
+        settings = s3.S3Settings.from_s3_config(s3_config.model_dump())
     else:
-        settings = storage.S3Settings.from_env()
+        settings = s3.S3Settings.from_env()
     if event is not None:
         bucket, input_key = event
         settings = dataclasses.replace(settings, bucket=bucket)
-        return _Bucket(settings, lambda name, ext: storage.event_output_key(input_key, name, ext))
+        return _Bucket(settings, lambda name, ext: s3.event_output_key(input_key, name, ext))
     if not settings.configured:
         raise UploadFailed(
             "no output destination: the worker has no bucket configured (BUCKET_NAME / "
             "BUCKET_ENDPOINT_URL) and the job gave neither output_urls, s3Config nor "
             "return_base64"
         )
-    return _Bucket(settings, lambda name, ext: storage.output_key(
+    return _Bucket(settings, lambda name, ext: s3.output_key(
         settings.prefix, ctx.job_id, name, ext))
 
 
@@ -204,8 +211,8 @@ def _execute(ctx: _Context, work: Path) -> dict:
 
     event = None
     if inp.is_s3_event:
-        records = storage.parse_s3_event(inp.model_dump(exclude_none=True))
-        fresh = [r for r in records if not storage.is_own_output(r[1])]
+        records = s3.parse_s3_event(inp.model_dump(exclude_none=True))
+        fresh = [r for r in records if not s3.is_own_output(r[1])]
         if records and not fresh:  # our own upload triggered this: nothing to do
             return {"status": "skipped", "reason": "the object is this worker's own output",
                     "objects": [f"s3://{b}/{k}" for b, k in records]}
@@ -242,13 +249,13 @@ def _execute(ctx: _Context, work: Path) -> dict:
     else:
         if event is not None:
             bucket, key = event
-            settings = storage.S3Settings.from_env()
+            settings = s3.S3Settings.from_env()
         else:
             assert inp.s3_uri is not None
-            bucket, key = storage.parse_s3_uri(inp.s3_uri)
-            settings = storage.S3Settings.from_env()
-        client = storage.make_client(settings)
-        storage.download_object(client, bucket, key, src, max_bytes=max_bytes)
+            bucket, key = s3.parse_s3_uri(inp.s3_uri)
+            settings = s3.S3Settings.from_env()
+        client = s3.make_client(settings)
+        s3.download_object(client, bucket, key, src, max_bytes=max_bytes)
     timings["download"] = time.perf_counter() - t0
 
     # decode → separate → encode

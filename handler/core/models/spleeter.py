@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import models_dir
-from ..errors import ModelUnavailable
-from .base import LoadedModel, Member
+from handler.config import models_dir
+from handler.core.models.base import LoadedModel, Member
+from handler.errors import ModelUnavailable
 
 NAME = "spleeter_2stems"
 SOURCES = ["vocals", "accompaniment"]

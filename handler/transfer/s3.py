@@ -24,14 +24,15 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
-from handler import config, netguard
+from handler import config
 from handler.errors import DownloadFailed, InvalidInput, UploadFailed
-from handler.fetch import (
+from handler.redact import redact_url, register_secret
+from handler.transfer import netguard
+from handler.transfer.http import (
     DownloadInfo,
     backoff_delay,
     describe_network_error,
 )
-from handler.redact import redact_url, register_secret
 
 log = logging.getLogger(__name__)
 

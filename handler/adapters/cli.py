@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import config
-from .encode import FORMATS
-from .errors import InvalidInput, WorkerError, as_worker_error
-from .pipeline import ALL_STEMS, SeparationRequest, separate_file
-from .progress import ProgressFile
+from handler import config
+from handler.adapters.progress_file import ProgressFile
+from handler.core.encode import FORMATS
+from handler.core.pipeline import ALL_STEMS, SeparationRequest, separate_file
+from handler.errors import InvalidInput, WorkerError, as_worker_error
 
 log = logging.getLogger("demucs-separate")
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         if args.endpoint:
-            from .remote import run_remote
+            from handler.adapters.remote import run_remote
 
             paths = run_remote(args.endpoint, args.input, args.output, req, quiet=args.quiet)
         else:
@@ -159,7 +159,7 @@ def run_local(
 
 def fetch_input(source: str, tmp: Path) -> Path:
     if source.startswith(("http://", "https://")):
-        from .fetch import download
+        from handler.transfer.http import download
 
         # A local CLI user may fetch from their own network: no private-address guard here.
         return download(source, tmp / "input", allow_private=True).path

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
-from .decode import AudioInfo, DecodeStats, iter_blocks, probe
-from .encode import FORMATS, MP3_BITRATES, EncodedFile, Writer, open_writer
-from .errors import InvalidInput, TooLong, WorkerError
-from .models import INSTRUMENTAL, VOCALS, LoadedModel, get_model
-from .models.demucs_family import max_segment
-from .separate import EngineOptions, Separator
+from handler import config
+from handler.core.decode import AudioInfo, DecodeStats, iter_blocks, probe
+from handler.core.encode import FORMATS, MP3_BITRATES, EncodedFile, Writer, open_writer
+from handler.core.engine import EngineOptions, Separator
+from handler.core.models import INSTRUMENTAL, VOCALS, LoadedModel, get_model
+from handler.core.models.demucs_family import max_segment
+from handler.errors import InvalidInput, TooLong, WorkerError
 
 log = logging.getLogger(__name__)
 
