@@ -92,6 +92,22 @@ def torch_threads() -> int:
     return env_int("TORCH_THREADS", cpu_quota())
 
 
+def ort_threads() -> int:
+    """ONNX Runtime intra-op threads (MDX-Net models); its own default is every host core."""
+    return env_int("ORT_THREADS", torch_threads())
+
+
+def ort_cpu_arena() -> bool:
+    """ONNX Runtime's CPU memory arena for MDX-Net models (bench/README.md: measured)."""
+    return env_bool("ORT_CPU_ARENA", True)
+
+
+def mdx_denoise() -> bool:
+    """MDX-Net: also run the network on the negated input and average (audio-separator's
+    enable_denoise): twice the compute."""
+    return env_bool("MDX_DENOISE", False)
+
+
 # --- networking / storage (handler/transfer/) ---
 
 

@@ -205,7 +205,8 @@ def separate_file(
     matrix = _stem_matrix(model, stems)
 
     opts = EngineOptions(
-        shifts=req.shifts, segment=req.segment, seed=req.seed,
+        shifts=req.shifts if model.uses_shifts else min(req.shifts, 1),
+        segment=req.segment, seed=req.seed,
         overlap=model.default_overlap if req.overlap is None else req.overlap,
         batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
     )

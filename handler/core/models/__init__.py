@@ -12,6 +12,8 @@ from handler import config
 from handler.config import device_name, torch_threads
 from handler.core.models.base import INSTRUMENTAL, PRECISIONS, VOCALS, LoadedModel, Member
 from handler.core.models.demucs_family import DEMUCS_MODELS
+from handler.core.models.ensemble import presets
+from handler.core.models.mdx_net import MDX_MODELS, onnx_path
 from handler.errors import InvalidInput
 
 __all__ = ["INSTRUMENTAL", "VOCALS", "LoadedModel", "Member", "KNOWN_MODELS", "get_model"]
@@ -19,7 +21,9 @@ __all__ = ["INSTRUMENTAL", "VOCALS", "LoadedModel", "Member", "KNOWN_MODELS", "g
 log = logging.getLogger(__name__)
 
 SPLEETER_MODELS = ("spleeter_2stems",)
-KNOWN_MODELS = SPLEETER_MODELS + DEMUCS_MODELS
+PRESET_MODELS = tuple(presets())
+# Named models; any MODELS_DIR/<name>.onnx (MDX-Net) is usable by its name too.
+KNOWN_MODELS = SPLEETER_MODELS + DEMUCS_MODELS + MDX_MODELS + PRESET_MODELS
 
 _cache: dict[str, LoadedModel] = {}
 _lock = threading.Lock()
@@ -48,8 +52,9 @@ def _configure_torch() -> None:
 
 def get_model(name: str) -> LoadedModel:
     """The named model, loaded on first use and cached for the life of the process."""
-    if name not in KNOWN_MODELS:
-        raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
+    if name not in KNOWN_MODELS and onnx_path(name) is None:
+        raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}"
+                           " (or an MDX-Net model: MODELS_DIR/<name>.onnx)")
     with _lock:
         if name in _cache:
             return _cache[name]
@@ -63,10 +68,18 @@ def get_model(name: str) -> LoadedModel:
             from handler.core.models.spleeter import load_spleeter
 
             model = load_spleeter(device)
-        else:
+        elif name in DEMUCS_MODELS:
             from handler.core.models.demucs_family import load_demucs
 
             model = load_demucs(name, device)
+        elif name in PRESET_MODELS:
+            from handler.core.models.ensemble import load_preset
+
+            model = load_preset(name, device)
+        else:
+            from handler.core.models.mdx_net import load_mdx
+
+            model = load_mdx(name, device)
         model.precision = precision
         log.info("loaded model %s on %s (%s) in %.2f s", name, device, model.precision,
                  time.perf_counter() - started)

@@ -63,6 +63,9 @@ class LoadedModel:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     default_overlap: float = 0.25  # demucs's; a job's ``overlap`` overrides it
     precision: str = "fp32"  # one of PRECISIONS (the PRECISION setting)
+    # demucs's shift trick; False: the family has none, a job's shifts > 1 would only repeat
+    # identical passes (the pipeline runs one).
+    uses_shifts: bool = True
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
