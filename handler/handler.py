@@ -57,6 +57,14 @@ def warm_up() -> None:
         except Exception as exc:  # noqa: BLE001 - any CUDA failure means: do not serve
             raise SystemExit(f"CUDA is visible but not usable ({exc}); check the driver and "
                              "the image's CUDA version") from None
+    if config.env_bool("REQUIRE_CUDA"):
+        from handler.core.models.mdx_net import ort_cuda_problem
+
+        # MDX-Net models run on ONNX Runtime, which falls back to the CPU quietly.
+        problem = ort_cuda_problem()
+        if problem is not None:
+            raise SystemExit(f"REQUIRE_CUDA is set but {problem}: refusing to run the GPU "
+                             "image's ONNX models on the CPU")
     started = time.perf_counter()
     model = get_model(config.default_model())
     log.info("model %s ready on %s in %.2f s", model.name, device, time.perf_counter() - started)
