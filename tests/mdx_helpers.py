@@ -149,3 +149,24 @@ def run_oracle(onnx: Path, data: dict, wav: Path, work: Path, denoise: bool = Fa
         stem = "vocals" if "(Vocals)" in f else "instrumental"
         stems[stem] = audio.T
     return stems
+
+
+def oracle_demix(onnx: Path, data: dict, mix: np.ndarray, overlap: float = 0.25) -> np.ndarray:
+    """audio-separator's ``MDXSeparator.demix`` on a whole (2, n) array: the primary stem.
+    The object is built with ``__new__`` (its ``__init__`` resolves files and devices) and
+    given the attributes ``demix``/``run_model`` read, with an ONNX Runtime session as in its
+    ``load_model``."""
+    _stub_onnx2torch()
+    import onnxruntime as ort
+    from audio_separator.separator.architectures.mdx_separator import MDXSeparator
+
+    sep = MDXSeparator.__new__(MDXSeparator)
+    sep.logger = logging.getLogger("mdx-oracle")
+    sep.torch_device = torch.device("cpu")
+    sep.hop_length, sep.overlap, sep.batch_size, sep.enable_denoise = 1024, overlap, 1, False
+    sep.n_fft = data["mdx_n_fft_scale_set"]
+    sep.dim_f = data["mdx_dim_f_set"]
+    sep.dim_t = sep.segment_size = 2 ** data["mdx_dim_t_set"]
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    sep.model_run = lambda spek: session.run(None, {"input": spek.cpu().numpy()})[0]
+    return sep.demix(mix)
