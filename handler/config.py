@@ -98,8 +98,8 @@ def ort_threads() -> int:
 
 
 def ort_cpu_arena() -> bool:
-    """ONNX Runtime's CPU memory arena for MDX-Net models (bench/README.md: measured)."""
-    return env_bool("ORT_CPU_ARENA", True)
+    """ONNX Runtime's CPU memory arena and memory pattern for MDX-Net models (bench/mdx.py)."""
+    return env_bool("ORT_CPU_ARENA", False)
 
 
 def mdx_denoise() -> bool:

@@ -175,17 +175,18 @@ def _ort():
 
 
 def session_options():
-    """Chosen by measurement (bench/mdx.py): intra-op threads sized to the CPU quota (ORT's
-    default is one per host core, oversubscribed under a container quota), one inter-op
-    thread (the graph is a chain), all graph optimisations. The CPU arena is kept: without it
-    each chunk's ~1 GB of activations goes back to the OS and is faulted in again."""
+    """bench/mdx.py measures these: intra-op threads sized to the CPU quota (ORT's default
+    is one per host core, oversubscribed under a container quota), one inter-op thread (the
+    graph is a chain), all graph optimisations (basic only: 1.3x slower per chunk). The CPU
+    arena and memory-pattern planner are off by default: with them ORT keeps the peak of
+    every chunk's activations (several GB at HQ shapes) for the life of the session."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.ort_threads()
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.enable_cpu_mem_arena = config.ort_cpu_arena()
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = config.ort_cpu_arena()
     opts.log_severity_level = 3
     return opts
 
