@@ -77,8 +77,7 @@ def convert_spleeter(dest: Path) -> None:
 
 
 def bake_stand_in(name: str, dest: Path) -> None:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from demucs_repo import save_checkpoint, small_htdemucs, write_bag
+    from devtools.checkpoints import save_checkpoint, small_htdemucs, write_bag
 
     sig = {"htdemucs": "5a5a5a5a"}.get(name, "6b6b6b6b")
     save_checkpoint(small_htdemucs(0), dest, sig)

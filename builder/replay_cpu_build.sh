@@ -22,10 +22,10 @@ bash "$WORK/app/builder/install.sh" cpu
 
 # --- RUN bake_models.py (stand-in for the download, which needs the internet)
 export MODELS_DIR="$WORK/models" HF_HUB_OFFLINE=1 TORCH_HOME="$WORK/models/.torch"
-cp -r "$ROOT/tests" "$WORK/app/tests"   # the stand-in builder lives with the tests
+cp -r "$ROOT/devtools" "$WORK/app/devtools"   # the stand-in checkpoint builder
 python "$WORK/app/builder/bake_models.py" --models htdemucs,spleeter_2stems --stand-in \
   --dest "$MODELS_DIR" --no-verify
-rm -rf "$WORK/app/tests"                 # not part of the image
+rm -rf "$WORK/app/devtools"             # not part of the image
 
 # --- COPY handler/ ; COPY test_input.json ; RUN bake_models.py --verify-only
 cp -r "$ROOT/handler" "$WORK/app/handler"

@@ -29,7 +29,7 @@ from collections.abc import Iterator  # noqa: E402
 
 from handler import config  # noqa: E402
 from handler.redact import install_log_redaction, install_stream_redaction  # noqa: E402
-from handler.service.job import run_job  # noqa: E402
+from handler.service.runner import run_job  # noqa: E402
 
 log = logging.getLogger("worker")
 

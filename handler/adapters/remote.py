@@ -16,27 +16,11 @@ from typing import Any
 
 import requests
 
-from handler.core.pipeline import SeparationRequest
+from handler.core.request import SeparationRequest, output_name
 from handler.errors import DownloadFailed, InternalError, InvalidInput, WorkerError
-from handler.transfer import s3
+from handler.transfer import keys, s3
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-
-
-def job_input(req: SeparationRequest) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "stems": req.stems, "output_format": req.output_format, "mp3_bitrate": req.mp3_bitrate,
-        "channels": req.channels, "shifts": req.shifts, "seed": req.seed,
-    }
-    if req.overlap is not None:
-        out["overlap"] = req.overlap
-    if req.model:
-        out["model"] = req.model
-    if req.segment is not None:
-        out["segment"] = req.segment
-    if req.interval_cut:
-        out["interval_cut"] = req.interval_cut
-    return out
 
 
 def _source(source: str) -> dict[str, str]:
@@ -51,7 +35,7 @@ def _source(source: str) -> dict[str, str]:
                            "(or pass an http(s) URL as --input)")
     client = s3.make_client(settings)
     assert settings.bucket is not None
-    key = s3.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
+    key = keys.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
     key = f"{key.rstrip('.')}{path.suffix}"
     s3.upload_file(client, path, settings.bucket, key, "application/octet-stream")
     return {"s3_uri": f"s3://{settings.bucket}/{key}"}
@@ -69,7 +53,7 @@ def run_remote(
     if not api_key:
         raise InvalidInput("--endpoint needs RUNPOD_API_KEY set (or `runpod config`)")
     client = RunPodClient(api_key=api_key)
-    payload = {"input": {**_source(source), **job_input(req)}}
+    payload = {"input": {**_source(source), **req.as_job_input()}}
     job_id = client.post(f"{endpoint_id}/run", payload)["id"]
     poll = _Poller(client)
     final: dict | None = None
@@ -133,9 +117,7 @@ def _download_outputs(final: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for output in final.get("outputs", []):
-        name = output.get("stem", "output")
-        if output.get("interval") is not None:
-            name = f"{name}_{output['interval']:03d}"
+        name = output_name(output.get("stem", "output"), output.get("interval"))
         dest = out_dir / f"{name}.{output.get('format', 'mp3')}"
         url = output.get("url") or ""
         if url.startswith("data:"):

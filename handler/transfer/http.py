@@ -1,4 +1,5 @@
-"""Download a caller-supplied http(s) URL to disk, safely and with bounded size and time."""
+"""HTTP transfers of caller-supplied URLs: download to disk and PUT to a presigned URL, both
+through the address guard, with bounded size and time and one retry policy."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import IncompleteRead
 from pathlib import Path
-from urllib.parse import urljoin
+from typing import TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from urllib3.exceptions import IncompleteRead as Urllib3IncompleteRead
 from urllib3.exceptions import NameResolutionError, ReadTimeoutError
 
 from handler import config
-from handler.errors import DownloadFailed, InvalidInput
+from handler.errors import DownloadFailed, InvalidInput, UploadFailed, WorkerError
 from handler.redact import redact_url, scrub
 from handler.transfer import netguard
 
@@ -49,6 +51,29 @@ class Retryable(Exception):
 def backoff_delay(attempt: int, base_s: float) -> float:
     """Delay before retry number ``attempt`` (0-based): base, 2*base, 4*base ... capped."""
     return min(MAX_BACKOFF_S, base_s * (2**attempt))
+
+
+T = TypeVar("T")
+
+
+def with_retries(
+    attempt: Callable[[], T], *, retries: int, backoff_s: float, what: str,
+    give_up: Callable[[str], WorkerError],
+) -> T:
+    """Run ``attempt`` until it returns; a ``Retryable`` failure is tried again ``retries``
+    times, waiting ``backoff_s`` doubled each time, then ``give_up(reason)`` is raised."""
+    attempts = retries + 1
+    for n in range(attempts):
+        try:
+            return attempt()
+        except Retryable as e:
+            if n + 1 >= attempts:
+                raise give_up(f"{e} (gave up after {attempts} attempts)") from None
+            delay = backoff_delay(n, backoff_s)
+            log.warning("%s attempt %d/%d failed: %s; retrying in %.2fs",
+                        what, n + 1, attempts, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -117,28 +142,15 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Same directory as dest, so the final rename is atomic; hidden, so nothing picks it up.
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    attempts = retries + 1
     session = netguard.guarded_session(allow_private=allow_private)
     try:
-        for attempt in range(attempts):
-            try:
-                size, content_type = _attempt(
-                    session, url, tmp, max_bytes, timeout_s, allow_private, on_progress
-                )
-            except Retryable as e:
-                if attempt + 1 >= attempts:
-                    raise DownloadFailed(f"{e} (gave up after {attempts} attempts)") from None
-                delay = backoff_delay(attempt, backoff_s)
-                log.warning(
-                    "download attempt %d/%d failed: %s; retrying in %.2fs",
-                    attempt + 1, attempts, e, delay,
-                )
-                time.sleep(delay)
-                continue
-            os.replace(tmp, dest)
-            log.info("downloaded %d bytes from %s", size, shown)
-            return DownloadInfo(path=dest, bytes=size, content_type=content_type)
-        raise AssertionError("unreachable")
+        size, content_type = with_retries(
+            lambda: _attempt(session, url, tmp, max_bytes, timeout_s, allow_private, on_progress),
+            retries=retries, backoff_s=backoff_s, what="download", give_up=DownloadFailed,
+        )
+        os.replace(tmp, dest)
+        log.info("downloaded %d bytes from %s", size, shown)
+        return DownloadInfo(path=dest, bytes=size, content_type=content_type)
     finally:
         session.close()
         tmp.unlink(missing_ok=True)
@@ -273,3 +285,56 @@ def _save_body(
     if on_progress and done != reported:
         on_progress(done, total)
     return done, resp.headers.get("Content-Type")
+
+
+def put_presigned(
+    url: str,
+    path: Path,
+    content_type: str,
+    *,
+    retries: int = 3,
+    timeout_s: float | None = None,
+    backoff_s: float | None = None,
+) -> None:
+    """HTTP PUT ``path`` to a caller's presigned URL (streamed from disk).
+
+    Connection errors, 5xx, 408 and 429 are retried ``retries`` times with backoff; other
+    non-2xx statuses raise UploadFailed at once.
+    """
+    timeout_s = config.upload_timeout_s() if timeout_s is None else timeout_s
+    backoff_s = config.retry_backoff_s() if backoff_s is None else backoff_s
+    allow_private = config.allow_private_urls()
+    shown = redact_url(url)
+    try:
+        netguard.check_url(url, allow_private=allow_private)
+    except DownloadFailed as e:  # DNS failure: it is this upload that failed
+        raise UploadFailed(e.message) from None
+    path = Path(path)
+    size = path.stat().st_size
+    headers = {"Content-Type": content_type, "Content-Length": str(size)}
+    if (urlsplit(url).hostname or "").endswith(".blob.core.windows.net"):
+        headers["x-ms-blob-type"] = "BlockBlob"  # Azure SAS URLs refuse a PUT without it
+
+    def attempt() -> None:
+        try:
+            with path.open("rb") as body:
+                resp = session.put(url, data=body, headers=headers,
+                                   timeout=(min(10.0, timeout_s), timeout_s),
+                                   allow_redirects=False)
+            with resp:
+                status, reason = resp.status_code, resp.reason
+        except requests.exceptions.Timeout:
+            raise Retryable(f"timed out after {timeout_s:g}s talking to {shown}") from None
+        except requests.exceptions.RequestException as e:
+            raise Retryable(f"{describe_network_error(e)} from {shown}") from None
+        if 200 <= status < 300:
+            log.info("uploaded %d bytes to %s", size, shown)
+            return
+        problem = " ".join(filter(None, [f"HTTP {status}", reason, "from", shown]))
+        if status < 500 and status not in RETRY_STATUSES:
+            raise UploadFailed(f"PUT to presigned URL failed: {problem}")
+        raise Retryable(problem)
+
+    with netguard.guarded_session(allow_private=allow_private) as session:
+        with_retries(attempt, retries=retries, backoff_s=backoff_s, what="upload",
+                     give_up=lambda why: UploadFailed(f"PUT to presigned URL failed: {why}"))

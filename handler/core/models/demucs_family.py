@@ -78,8 +78,3 @@ def load_demucs(name: str, device: torch.device) -> LoadedModel:
         device=device,
     )
 
-
-def max_segment(model: LoadedModel) -> float | None:
-    """HTDemucs cannot run on chunks longer than its training segment."""
-    limits = [m.segment_length / model.samplerate for m in model.members if m.pad_to_segment]
-    return min(limits) if limits else None
