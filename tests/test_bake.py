@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.servers import LocalHTTPServer, Serve, Status
+from servers import LocalHTTPServer, Serve, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 BAKE = ROOT / "builder" / "bake_models.py"
