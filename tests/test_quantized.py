@@ -83,3 +83,30 @@ print("still running")
     assert "unavailable: MODEL_UNAVAILABLE: model 'mdx_q' is quantized and needs diffq" \
         in proc.stdout, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("still running")
+
+
+def stages(dockerfile: str) -> list[str]:
+    text = (ROOT / dockerfile).read_text()
+    return ["FROM" + part for part in text.split("\nFROM")[1:]]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cpu"])
+def test_images_compile_diffq_in_a_builder_stage_only(dockerfile: str) -> None:
+    builder, final = stages(dockerfile)
+    assert " AS diffq" in builder.splitlines()[0]
+    assert "gcc" in builder and "bash /build/build_diffq.sh /wheels" in builder
+    assert "COPY --from=diffq /wheels /tmp/wheels" in final
+    assert "DIFFQ_WHEEL_DIR=/tmp/wheels bash builder/install.sh" in final
+    for compiler in ("gcc", "build-essential", "g++", "clang", "build_diffq.sh"):
+        assert compiler not in final, compiler
+    # The builder stage compiles for the final stage's Python: same distribution and release.
+    base = {"Dockerfile": "ubuntu:24.04", "Dockerfile.cpu": "python:3.11-slim-bookworm"}
+    assert builder.splitlines()[0].split()[1] == base[dockerfile]
+    assert base[dockerfile].split(":")[1].split("-")[0] in final.splitlines()[0]
+
+
+def test_the_ci_replay_installs_diffq_as_the_cpu_image_does() -> None:
+    replay = (ROOT / "builder" / "replay_cpu_build.sh").read_text()
+    assert 'bash "$ROOT/builder/build_diffq.sh" "$WORK/wheels"' in replay
+    assert 'DIFFQ_WHEEL_DIR="$WORK/wheels" bash "$WORK/app/builder/install.sh" cpu' in replay
+    assert "mdx_q" in replay.split("--stand-in")[0].rsplit("MODELS=", 1)[1].splitlines()[0]
