@@ -24,8 +24,12 @@ Where the weights come from:
   hashes are not fetched again.
 
 Overrides (tests, internal mirrors): ``--table FILE`` reads another table of the same shape;
-``--mirror BASE_URL`` fetches every table file from ``BASE_URL/<file name of its URL>``
-instead of its URL (the hashes still come from the table).
+``--mirror BASE_URL`` fetches every table file (and demucs release file) from
+``BASE_URL/<file name of its URL>`` instead of its URL (the hashes still come from the table,
+or from the demucs file's name).
+
+``--hashes FILE...`` prints a file's table fields (to fill in an entry marked "to be filled"
+after checking the file by other means).
 
 ``--stand-in`` writes small randomly initialised demucs models (quantized ones for ``mdx_q`` /
 ``mdx_extra_q``) instead of downloading; CI replays the build offline with it. Never use it for
@@ -137,8 +141,8 @@ def check_table_entry(name: str, entry: dict[str, Any], table: Path) -> None:
         if not spec.get("sha256") and not spec.get("uvr_md5"):
             raise BakeError(
                 f"{name}: {target} has no checksum in {table} yet (to be filled: fetch "
-                f"{public_url(spec['url'])}, check it, record its sha256); refusing to bake "
-                "an unverified file")
+                f"{public_url(spec['url'])}, check it, record what `bake_models.py --hashes "
+                "FILE` prints); refusing to bake an unverified file")
 
 
 def download(url: str, part: Path) -> str:
@@ -194,7 +198,7 @@ def bake_table_model(name: str, entry: dict[str, Any], dest: Path, mirror: str |
 # --- demucs and spleeter ---------------------------------------------------------------------
 
 
-def bake_demucs(name: str, dest: Path) -> None:
+def bake_demucs(name: str, dest: Path, mirror: str | None = None) -> None:
     import yaml
     from demucs.pretrained import REMOTE_ROOT, _parse_remote_files
 
@@ -207,7 +211,7 @@ def bake_demucs(name: str, dest: Path) -> None:
         url = urls[sig]
         target = dest / url.rsplit("/", 1)[1]  # <sig>-<sha256[:8]>.th
         did = bake_file(target, {"url": url, "sha256_prefix": target.stem.rsplit("-", 1)[1]},
-                        None)
+                        mirror)
         print(f"{name}: {target.name} {did} (checked)", flush=True)
     shutil.copy(bag_file, dest / bag_file.name)
 
@@ -300,7 +304,7 @@ def bake(names: list[str], dest: Path, *, table_path: Path, mirror: str | None,
         elif stand_in:
             bake_stand_in(name, dest)
         else:
-            bake_demucs(name, dest)
+            bake_demucs(name, dest, mirror)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,12 +316,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", type=Path, default=TABLE,
                    help="table of release files (default: builder/models.json)")
     p.add_argument("--mirror", default=None,
-                   help="fetch table files from BASE_URL/<file name> instead of their URLs")
+                   help="fetch release files from BASE_URL/<file name> instead of their URLs")
     p.add_argument("--stand-in", action="store_true",
                    help="random small demucs models instead of downloads (offline CI only)")
     p.add_argument("--verify-only", action="store_true")
     p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--hashes", nargs="+", type=Path, metavar="FILE",
+                   help="print the table fields (sha256, size, uvr_md5) of local files and exit")
     args = p.parse_args(argv)
+    if args.hashes:  # for whoever fills in a table entry from a file they checked by hand
+        for path in args.hashes:
+            fields = {"sha256": sha256_of(path), "size": path.stat().st_size,
+                      "uvr_md5": uvr_md5(path)}
+            print(json.dumps({path.name: fields}))
+        return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     dest = args.dest or default_dest()
     try:

@@ -259,3 +259,12 @@ def test_the_real_table_refuses_what_it_cannot_check_yet(tmp_path):
     for name in unchecked:  # offline: it must stop on the table, before the network
         proc = run_bake("--models", name, "--dest", str(tmp_path / "m"))
         assert_one_line_failure(proc, name, "to be filled")
+
+
+def test_hashes_prints_the_fields_a_table_entry_needs(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(ONNX)
+    proc = subprocess.run([sys.executable, str(BAKE), "--hashes", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"m.onnx": {
+        "sha256": sha256(ONNX), "size": len(ONNX), "uvr_md5": uvr_md5(ONNX)}}
