@@ -268,3 +268,13 @@ def test_hashes_prints_the_fields_a_table_entry_needs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"m.onnx": {
         "sha256": sha256(ONNX), "size": len(ONNX), "uvr_md5": uvr_md5(ONNX)}}
+
+
+def test_demucs_files_through_a_mirror_are_checked_against_their_name(tmp_path, server):
+    server.route("/mirror/955717e8-8726e21a.th", Serve(CKPT))  # htdemucs's release file name
+    dest = tmp_path / "models"
+    proc = run_bake("--models", "htdemucs", "--dest", str(dest),
+                    "--mirror", server.url("/mirror"))
+    assert_one_line_failure(proc, "955717e8-8726e21a.th", "expected 8726e21a", "/mirror/")
+    assert server.hits("/mirror/955717e8-8726e21a.th") == 1
+    assert list(dest.iterdir()) == []
