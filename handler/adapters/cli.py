@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from handler import config
+from handler.adapters.interrupt import Interrupted, interruptible
 from handler.adapters.progress_file import ProgressFile
 from handler.core.encode import FORMATS
 from handler.core.pipeline import ALL_STEMS, SeparationRequest, separate_file
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with interruptible():  # SIGTERM too: cleanup runs, exit 143
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -93,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             paths = run_remote(args.endpoint, args.input, args.output, req, quiet=args.quiet)
         else:
             paths = run_local(args.input, args.output, req, progress_file, quiet=args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Interrupted: SIGINT or SIGTERM
+        name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
         if progress_file:
             progress_file.failed("interrupted")
-        print("demucs-separate: interrupted", file=sys.stderr)
-        return 130
+        print(f"demucs-separate: interrupted by {name}; temporary files removed",
+              file=sys.stderr)
+        return code
     except Exception as exc:  # one line, typed, no traceback for expected failures
         err = as_worker_error(exc)
         if not isinstance(exc, WorkerError):

@@ -26,8 +26,8 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from handler import config
 from handler.errors import DownloadFailed, InvalidInput, UploadFailed
-from handler.redact import redact_url, register_secret
-from handler.transfer import netguard
+from handler.redact import log_url, redact_url, register_secret
+from handler.transfer import integrity, netguard
 from handler.transfer.http import (
     DownloadInfo,
     backoff_delay,
@@ -324,6 +324,7 @@ def put_presigned(
         raise UploadFailed(e.message) from None
     path = Path(path)
     size = path.stat().st_size
+    sent_md5 = integrity.file_md5(path)
     headers = {"Content-Type": content_type, "Content-Length": str(size)}
     if (urlsplit(url).hostname or "").endswith(".blob.core.windows.net"):
         headers["x-ms-blob-type"] = "BlockBlob"  # Azure SAS URLs refuse a PUT without it
@@ -339,7 +340,11 @@ def put_presigned(
                 with resp:
                     status, reason = resp.status_code, resp.reason
                 if 200 <= status < 300:
-                    log.info("uploaded %d bytes to %s", size, shown)
+                    # A 200 that stored something else (or nothing) is no success.
+                    wrong = integrity.mismatch(resp.headers, sent_md5)
+                    if wrong:
+                        raise UploadFailed(f"PUT to presigned URL {shown}: {wrong}")
+                    log.info("uploaded %d bytes to %s", size, log_url(url))
                     return
                 problem = " ".join(filter(None, [f"HTTP {status}", reason, "from", shown]))
                 if status < 500 and status not in RETRY_STATUSES:
@@ -351,7 +356,7 @@ def put_presigned(
             if attempt + 1 < attempts:
                 delay = backoff_delay(attempt, backoff_s)
                 log.warning("upload attempt %d/%d failed: %s; retrying in %.2fs",
-                            attempt + 1, attempts, problem, delay)
+                            attempt + 1, attempts, problem.replace(shown, log_url(url)), delay)
                 time.sleep(delay)
     raise UploadFailed(
         f"PUT to presigned URL failed: {problem} (gave up after {attempts} attempts)"
