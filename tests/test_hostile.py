@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -62,7 +62,6 @@ from handler.core.decode import MAX_CHANNELS, DecodeStats, iter_blocks, open_inp
 from handler.errors import UnsupportedAudio, UploadFailed
 from handler.redact import log_url
 from handler.transfer import integrity
-from handler.transfer.http import download
 from handler.transfer.s3 import put_presigned
 
 GOOD_EVERY = 4
@@ -140,7 +139,10 @@ def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network
 
 class TrickleServer:
     """Raw HTTP/1.1 on 127.0.0.1 answering every request with a 200 sent ``piece`` bytes at
-    a time every ``interval_s``: the body only, or (``slow_head``) the headers too."""
+    a time every ``interval_s``: the body only, or (``slow_head``) the headers too. After
+    GIVE_UP_S it hangs up, so a client without a deadline fails the test instead of hanging."""
+
+    GIVE_UP_S = 20.0
 
     def __init__(self, body: bytes, *, interval_s: float, piece: int = 1,
                  slow_head: bool = False, headers: dict[str, str] | None = None) -> None:
@@ -192,8 +194,10 @@ class TrickleServer:
                 else:
                     conn.sendall(self.head)
                     payload = self.body
+                started = time.monotonic()
                 for i in range(0, len(payload), self.piece):
-                    if self.stop_event.wait(self.interval_s):
+                    if self.stop_event.wait(self.interval_s) or \
+                            time.monotonic() - started > self.GIVE_UP_S:
                         return
                     conn.sendall(payload[i:i + self.piece])
             except OSError:  # the client gave up: what the deadline tests provoke
@@ -502,3 +506,344 @@ def test_rate_change_midway_gets_a_fresh_resampler(tmp_path: Path) -> None:
     path.write_bytes(parts[0] + parts[1])
     n = sum(b.shape[1] for b in iter_blocks(path, rate=RATE, channels=2))
     assert 2 * RATE - 4096 <= n <= 2 * RATE + 4096, n
+
+
+# --- slow and mis-encoded downloads --------------------------------------------------------
+
+
+def url_job(url: str) -> dict[str, Any]:
+    return {"id": "slow", "input": {"audio_url": url, "return_base64": True}}
+
+
+def test_one_byte_a_second_hits_the_deadline(media: Media, work_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte arrives well inside DOWNLOAD_TIMEOUT_S (2 s here): only the whole-download
+    deadline stops it."""
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "3")
+    monkeypatch.setenv("DOWNLOAD_MIN_RATE_KBPS", "0")
+    with TrickleServer(media.wav_1s, interval_s=0.5) as server:
+        started = time.monotonic()
+        run = run_in_process(url_job(server.url))
+        took = time.monotonic() - started
+    check_error(run, "DOWNLOAD_FAILED")
+    assert "the download did not finish within 3 s (DOWNLOAD_DEADLINE_S) from http://127.0.0.1:" \
+        in run.final["error"], run.final
+    assert 2.5 < took < 12, took
+    assert server.hits == 1
+    assert_clean(work_dir)
+    run_good_job(work_dir, input_bytes(1.0))
+
+
+def test_trickled_headers_hit_the_deadline(media: Media, work_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status line and headers trickle too: the deadline covers the wait for them."""
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "2")
+    with TrickleServer(media.wav_1s, interval_s=0.3, slow_head=True) as server:
+        started = time.monotonic()
+        run = run_in_process(url_job(server.url))
+        took = time.monotonic() - started
+    check_error(run, "DOWNLOAD_FAILED")
+    assert "did not finish within 2 s" in run.final["error"], run.final
+    assert took < 10, took
+    assert_clean(work_dir)
+
+
+def test_slow_average_rate_fails_after_the_grace(media: Media, work_dir: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "0")  # off: the rate alone must stop it
+    monkeypatch.setenv("DOWNLOAD_MIN_RATE_KBPS", "4")
+    monkeypatch.setenv("DOWNLOAD_TIMEOUT_S", "1.5")  # also the grace before judging the rate
+    with TrickleServer(media.wav_1s, interval_s=0.2, piece=64) as server:  # ~0.3 KB/s
+        started = time.monotonic()
+        run = run_in_process(url_job(server.url))
+        took = time.monotonic() - started
+    check_error(run, "DOWNLOAD_FAILED")
+    message = run.final["error"]
+    assert "too slow: " in message and "the minimum is 4 KB/s (DOWNLOAD_MIN_RATE_KBPS)" \
+        in message, message
+    assert 1.4 < took < 10, took
+    assert server.hits == 1  # not retried
+    assert_clean(work_dir)
+
+
+def test_deadline_counts_retries_and_backoff(http_server: LocalHTTPServer, work_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOWNLOAD_DEADLINE_S", "1.5")
+    monkeypatch.setenv("RETRY_BACKOFF_S", "1")  # 1 s, then 2 s: the second wait would pass it
+    url = http_server.route("/flaky", Status(503))
+    run = run_in_process(url_job(url))
+    check_error(run, "DOWNLOAD_FAILED")
+    assert "did not finish within 1.5 s" in run.final["error"], run.final
+    assert http_server.hits("/flaky") == 2
+    assert_clean(work_dir)
+
+
+def test_slow_download_progress_keeps_moving(work_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2 s clip (~350 KB) sent in 16 KB pieces over ~5 s: progress items keep coming
+    during the download and their fraction rises, then the job completes."""
+    monkeypatch.setenv("PROGRESS_INTERVAL_S", "0.2")
+    data, samples = input_bytes(2.0)
+    with TrickleServer(data, interval_s=0.2, piece=16 * 1024) as server:
+        run = run_in_process(url_job(server.url))
+    check_final(run.final, n_outputs=1)
+    out = run.final["outputs"][0]
+    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
+    during = [p["progress"] for p in run.progress if p["stage"] == "download"]
+    assert len(during) >= 4, run.progress
+    assert len(set(during)) >= 3 and during == sorted(during), during
+    assert 0 < during[-1] <= 0.08
+    assert_clean(work_dir)
+
+
+def test_wrong_content_encoding_fails_at_once(http_server: LocalHTTPServer, media: Media,
+                                              work_dir: Path) -> None:
+    url = http_server.route("/gz.wav", Serve(media.wav_1s, headers={"Content-Encoding": "gzip"}))
+    run = run_in_process(url_job(url))
+    check_error(run, "DOWNLOAD_FAILED")
+    assert "the body does not match its Content-Encoding header from http://127.0.0.1:" \
+        in run.final["error"], run.final
+    assert http_server.hits("/gz.wav") == 1
+    assert_clean(work_dir)
+
+
+def test_right_content_encoding_is_decoded(http_server: LocalHTTPServer, work_dir: Path) -> None:
+    data, samples = input_bytes(1.0)
+    url = http_server.route("/ok.wav", Serve(gzip.compress(data),
+                                             headers={"Content-Encoding": "gzip"}))
+    run = run_in_process(url_job(url))
+    check_final(run.final, n_outputs=1)
+    out = run.final["outputs"][0]
+    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
+    assert_clean(work_dir)
+
+
+# --- SIGINT / SIGTERM on local runs -------------------------------------------------------
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], what: str,
+             timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no {what} within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def stop_with(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+
+
+@pytest.fixture(scope="module")
+def long_song(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("long") / "song.wav"
+    write_input(path, 60.0)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_local_handler_run_interrupted_mid_separation(
+        sig: int, long_song: bytes, http_server: LocalHTTPServer, tmp_path: Path,
+        work_dir: Path) -> None:
+    url = http_server.route("/long.wav", Serve(long_song))
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / "handler" / "handler.py"), "--test_input",
+             json.dumps({"input": {"audio_url": url, "return_base64": True}})],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=err,
+            env=worker_env(WORK_DIR=str(work_dir), ALLOW_PRIVATE_URLS="1",
+                           PROGRESS_INTERVAL_S="0.2"))
+    try:
+        wait_for(proc, lambda: b"[separate]" in log.read_bytes(), "separation")
+        assert any(work_dir.rglob("input")), "the downloaded input should be there now"
+        proc.send_signal(sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = log.read_text().strip().splitlines()
+    name = signal.Signals(sig).name
+    assert proc.returncode == 128 + sig, (proc.returncode, lines[-5:])
+    assert lines[-1] == (f"handler: interrupted by {name}; the job was stopped and its "
+                         "temporary files removed"), lines[-5:]
+    assert "Traceback" not in log.read_text()
+    assert proc.stdout is not None and proc.stdout.read() == b""  # no result printed
+    assert_clean(work_dir)
+
+
+def test_local_handler_run_interrupted_mid_download(media: Media, tmp_path: Path,
+                                                    work_dir: Path) -> None:
+    log = tmp_path / "stderr.log"
+    with TrickleServer(media.wav_1s, interval_s=0.1, piece=256) as server, \
+            log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", str(ROOT / "handler" / "handler.py"), "--test_input",
+             json.dumps({"input": {"audio_url": server.url, "return_base64": True}})],
+            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+            env=worker_env(WORK_DIR=str(work_dir), ALLOW_PRIVATE_URLS="1",
+                           PROGRESS_INTERVAL_S="0.2"))
+        try:
+            wait_for(proc, lambda: any(work_dir.rglob("*.part")), "a partial download")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 143
+    assert log.read_text().strip().splitlines()[-1].startswith(
+        "handler: interrupted by SIGTERM")
+    assert_clean(work_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_cli_interrupted_mid_separation(sig: int, long_song: bytes, tmp_path: Path) -> None:
+    song = tmp_path / "song.wav"
+    song.write_bytes(long_song)
+    scratch = tmp_path / "scratch"  # the CLI's temporary folder lives here (TMPDIR)
+    scratch.mkdir()
+    out, progress = tmp_path / "out", tmp_path / "progress.json"
+    log = tmp_path / "stderr.log"
+
+    def separating() -> bool:
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            return False
+        return state.get("tasks", {}).get("inference") == "running" or \
+            state.get("tasks", {}).get("models") == "done"
+
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "handler.adapters.cli", "--input", str(song), "--output",
+             str(out), "--progress-file", str(progress), "--quiet"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
+            env=worker_env(TMPDIR=str(scratch)))
+    try:
+        wait_for(proc, separating, "separation")
+        assert any(scratch.iterdir())
+        proc.send_signal(sig)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    name = signal.Signals(sig).name
+    lines = log.read_text().strip().splitlines()
+    assert proc.returncode == 128 + sig, (proc.returncode, lines[-5:])
+    assert lines[-1] == f"demucs-separate: interrupted by {name}; temporary files removed"
+    assert not any(scratch.iterdir()), list(scratch.iterdir())
+    assert not out.exists() or not any(out.iterdir())
+    assert json.loads(progress.read_text())["state"] == "error"
+
+
+# --- presigned PUT answered 200 without storing; tokens in URL paths --------------------
+
+
+def put_job(url: str) -> dict[str, Any]:
+    return {"id": "put", "input": {"audio_base64": b64(input_bytes(1.0)[0]),
+                                   "output_urls": [url]}}
+
+
+def test_put_answered_200_with_another_etag_is_upload_failed(
+        http_server: LocalHTTPServer, work_dir: Path) -> None:
+    url = http_server.route("/out/instrumental.mp3", Status(
+        200, headers={"ETag": '"9e107d9d372bb6826bd81d3542a419d6"'}))
+    run = run_in_process(put_job(url + "?X-Amz-Signature=deadbeef"))
+    check_error(run, "UPLOAD_FAILED")
+    message = run.final["error"]
+    assert "its ETag (9e107d9d372bb6826bd81d3542a419d6) is not the MD5 of the uploaded file" \
+        in message and "deadbeef" not in message, message
+    assert http_server.hits("/out/instrumental.mp3") == 1
+    assert_clean(work_dir)
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # no digest at all: nothing to compare
+    {"ETag": '"9e107d9d372bb6826bd81d3542a419d6-2"'},  # multipart
+    {"ETag": '"0x8DCA0B1C2D3E4F5"'},  # Azure
+    {"ETag": '"9e107d9d372bb6826bd81d3542a419d6"', "x-amz-server-side-encryption": "aws:kms"},
+    {"ETag": 'W/"9e107d9d372bb6826bd81d3542a419d6"'},
+], ids=["none", "multipart", "azure", "sse-kms", "weak"])
+def test_put_etags_that_are_no_md5_are_not_judged(headers: dict[str, str],
+                                                  http_server: LocalHTTPServer,
+                                                  work_dir: Path) -> None:
+    url = http_server.route("/out/i.mp3", Status(200, headers=headers))
+    run = run_in_process(put_job(url))
+    check_final(run.final, n_outputs=1)
+    assert_clean(work_dir)
+
+
+def test_put_etag_and_digests_compared(tmp_path: Path, http_server: LocalHTTPServer) -> None:
+    """put_presigned against real responses: the right MD5 passes as ETag, x-goog-hash and
+    Content-MD5; a wrong x-goog-hash fails even beside a matching ETag."""
+    import base64
+    import hashlib
+
+    path = tmp_path / "stem.mp3"
+    path.write_bytes(b"stem bytes " * 1000)
+    md5 = hashlib.md5(path.read_bytes()).digest()
+    good = [{"ETag": f'"{md5.hex()}"'}, {"ETag": f'"{md5.hex().upper()}"'},
+            {"x-goog-hash": f"crc32c=AAAAAA==,md5={base64.b64encode(md5).decode()}"},
+            {"Content-MD5": base64.b64encode(md5).decode()}]
+    for i, headers in enumerate(good):
+        put_presigned(http_server.route(f"/good{i}", Status(200, headers=headers)), path,
+                      "audio/mpeg")
+    wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    url = http_server.route("/bad", Status(200, headers={"ETag": f'"{md5.hex()}"',
+                                                         "x-goog-hash": f"md5={wrong}"}))
+    with pytest.raises(UploadFailed, match="its x-goog-hash .* is not the MD5"):
+        put_presigned(url, path, "audio/mpeg")
+    assert integrity.stored_md5({"ETag": "not-quoted-nonsense"}) is None
+
+
+def test_put_to_s3_passes_the_etag_check(s3_server: Any, tmp_path: Path,
+                                         fast_local_network: None) -> None:
+    """A real S3 server (moto) answers a presigned PUT with the MD5 ETag: accepted, stored."""
+    bucket = s3_server.create_bucket()
+    client = s3_server.client()
+    url = client.generate_presigned_url("put_object", Params={
+        "Bucket": bucket, "Key": "stem.mp3", "ContentType": "audio/mpeg"}, ExpiresIn=600)
+    path = tmp_path / "stem.mp3"
+    path.write_bytes(os.urandom(200_000))
+    put_presigned(url, path, "audio/mpeg")
+    assert client.get_object(Bucket=bucket, Key="stem.mp3")["Body"].read() == path.read_bytes()
+
+
+TOKEN = "AbCdEf0123456789sharetoken"
+
+
+def test_tokens_in_url_paths_stay_out_of_logs(http_server: LocalHTTPServer, media: Media,
+                                              work_dir: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Share links carry the token in the path: log lines show the host and a hash of the
+    path (INFO: downloaded/uploaded, WARNING: retries)."""
+    src = http_server.route(f"/s/{TOKEN}/song.wav", Status(500), Serve(media.wav_1s))
+    dst = http_server.route(f"/s/{TOKEN}/out.mp3", Status(503), AcceptPut())
+    caplog.set_level(logging.INFO)  # urllib3's DEBUG lines name the path; LOG_LEVEL is INFO
+    run = run_in_process({"id": "share", "input": {"audio_url": src, "output_urls": [dst]}})
+    check_final(run.final, n_outputs=1)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert TOKEN not in text, text
+    for line in (f"downloaded {len(media.wav_1s)} bytes from {log_url(src)}",
+                 f"uploaded {len(http_server.uploads[f'/s/{TOKEN}/out.mp3'].body)} bytes to "
+                 f"{log_url(dst)}"):
+        assert line in text, text
+    assert "download attempt 1/4 failed: HTTP 500 Internal Server Error from " \
+           f"{log_url(src)}" in text, text
+    assert "upload attempt 1/4 failed: HTTP 503 Service Unavailable from " \
+           f"{log_url(dst)}" in text, text
+    assert log_url(src).startswith(f"{http_server.base_url} (path sha256:")
+    assert log_url(src) != log_url(dst)
+    assert_clean(work_dir)
