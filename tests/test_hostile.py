@@ -450,7 +450,7 @@ def write_with_ffmpeg(path: Path, fmt: str, codec: str, tone: np.ndarray) -> Non
 # --- channel counts with no FFmpeg layout ------------------------------------------------
 
 
-NO_DEFAULT_LAYOUT = [9, 11, 13, 15, 17, 19, 21, 23, 25, 33, MAX_CHANNELS]
+NO_DEFAULT_LAYOUT = [9, 11, 13, 15, 17, 18, 19, 20, 21, 22, 23, 25, 33, MAX_CHANNELS]
 
 
 @pytest.mark.parametrize("channels", NO_DEFAULT_LAYOUT)
@@ -468,7 +468,7 @@ def test_channel_counts_without_a_layout_are_mixed_equally(channels: int,
     assert mono.shape == (1, 22050)
 
 
-@pytest.mark.parametrize("channels", [3, 6, 8, 10, 16, 24])
+@pytest.mark.parametrize("channels", [3, 6, 8, 10, 12, 14, 16, 24])
 def test_channel_counts_with_a_layout_still_use_ffmpegs_downmix(channels: int,
                                                                 tmp_path: Path) -> None:
     path = tmp_path / f"multi{channels}.wav"
