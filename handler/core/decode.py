@@ -117,7 +117,8 @@ def check_stream_params(sample_rate: int, channels: int) -> None:
             f"the audio track claims a sample rate of {sample_rate} Hz; accepted: "
             f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
         )
-    if not 1 <= channels <= MAX_CHANNELS:
+    # 0: not in the header (some codecs say only when decoding); each frame is checked too.
+    if channels < 0 or channels > MAX_CHANNELS:
         raise UnsupportedAudio(
             f"the audio track has {channels} channels; accepted: 1-{MAX_CHANNELS}"
         )
@@ -251,6 +252,8 @@ class _Converter:
         out = self._flush()
         n_in = frame.layout.nb_channels
         check_stream_params(int(frame.sample_rate), n_in)
+        if n_in == 0:
+            raise UnsupportedAudio("a decoded audio frame has no channels")
         self.key = key
         self.own_mix = False
         self.resampler = self._resampler("mono" if n_in == 1 else None)
