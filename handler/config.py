@@ -66,6 +66,17 @@ def download_timeout_s() -> float:
     return env_float("DOWNLOAD_TIMEOUT_S", 30.0)
 
 
+def download_deadline_s() -> float:
+    """Whole-download limit (redirects, retries and backoff included); 0 disables it."""
+    return env_float("DOWNLOAD_DEADLINE_S", 900.0)
+
+
+def download_min_rate_kbps() -> float:
+    """Minimum average body rate in KB/s, checked once a body has been arriving for
+    DOWNLOAD_TIMEOUT_S; 0 disables it."""
+    return env_float("DOWNLOAD_MIN_RATE_KBPS", 16.0)
+
+
 def allow_private_urls() -> bool:
     return env_bool("ALLOW_PRIVATE_URLS", False)
 

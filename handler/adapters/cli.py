@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from handler.adapters.interrupt import Interrupted, interruptible
 from handler.adapters.progress_file import ProgressFile
 from handler.core.pipeline import separate_file
 from handler.core.request import ALL_STEMS, SeparationRequest, cli_options, parse_cli_request
@@ -56,6 +57,11 @@ def request_from_args(args: argparse.Namespace) -> SeparationRequest:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with interruptible():  # SIGTERM too: cleanup runs, exit 143
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -68,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             paths = run_remote(args.endpoint, args.input, args.output, req, quiet=args.quiet)
         else:
             paths = run_local(args.input, args.output, req, progress_file, quiet=args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Interrupted: SIGINT or SIGTERM
+        name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
         if progress_file:
             progress_file.failed("interrupted")
-        print("demucs-separate: interrupted", file=sys.stderr)
-        return 130
+        print(f"demucs-separate: interrupted by {name}; temporary files removed",
+              file=sys.stderr)
+        return code
     except Exception as exc:  # one line, typed, no traceback for expected failures
         err = as_worker_error(exc)
         if not isinstance(exc, WorkerError):
