@@ -63,11 +63,11 @@ class _Event:
 
 
 class _Context:
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, cancel: threading.Event | None = None):
         self.job = job
         self.job_id = _safe_id(str(job.get("id") or uuid.uuid4().hex))
         self.events: queue.Queue[_Event | tuple[str, Any]] = queue.Queue()
-        self.cancel = threading.Event()
+        self.cancel = cancel if cancel is not None else threading.Event()
 
     def report(self, stage: str, done: int, total: int) -> None:
         if self.cancel.is_set():
@@ -176,6 +176,31 @@ class _Base64(_Destination):
         return {"url": f"data:{output.file.content_type};base64,{data}", "key": None}
 
 
+@dataclass(frozen=True)
+class LocalResults:
+    """Keep outputs in ``dir`` (the HTTP server's DATA_DIR), served at ``url_prefix/<name>``.
+
+    Set as ``job["local_results"]`` by the HTTP server only: a JSON job (RunPod's) can never
+    carry this type, so a caller cannot point the worker at its disk.
+    """
+
+    dir: Path
+    url_prefix: str
+    url_suffix: str = ""  # e.g. the server's "?sig=..." download signature
+
+
+class _LocalDir(_Destination):
+    def __init__(self, where: LocalResults):
+        self.where = where
+
+    def store(self, output: StemOutput, name: str) -> dict:
+        self.where.dir.mkdir(parents=True, exist_ok=True)
+        dest = self.where.dir / f"{name}.{output.file.format}"
+        shutil.move(output.file.path, dest)  # a rerun of the same job id overwrites
+        url = f"{self.where.url_prefix}/{name}{self.where.url_suffix}"
+        return {"url": url, "key": None}
+
+
 def _destination(inp: JobInput, s3_config: Any, ctx: _Context,
                  event: tuple[str, str] | None) -> _Destination:
     if inp.return_base64:
@@ -190,6 +215,9 @@ def _destination(inp: JobInput, s3_config: Any, ctx: _Context,
         bucket, input_key = event
         settings = dataclasses.replace(settings, bucket=bucket)
         return _Bucket(settings, lambda name, ext: s3.event_output_key(input_key, name, ext))
+    local = ctx.job.get("local_results")
+    if not settings.configured and s3_config is None and isinstance(local, LocalResults):
+        return _LocalDir(local)
     if not settings.configured:
         raise UploadFailed(
             "no output destination: the worker has no bucket configured (BUCKET_NAME / "
@@ -294,9 +322,12 @@ def _execute(ctx: _Context, work: Path) -> dict:
     return final
 
 
-def run_job(job: dict) -> Iterator[dict]:
-    """The RunPod generator handler's body: progress items, then one final item."""
-    ctx = _Context(job)
+def run_job(job: dict, cancel: threading.Event | None = None) -> Iterator[dict]:
+    """The RunPod generator handler's body: progress items, then one final item.
+
+    ``cancel``, set from any thread, stops the job within one chunk (final item CANCELLED).
+    """
+    ctx = _Context(job, cancel)
     try:
         work = Path(tempfile.mkdtemp(prefix=f"job-{ctx.job_id}-", dir=config.work_dir()))
     except Exception as exc:  # noqa: BLE001 - still exactly one final item, never a raise
