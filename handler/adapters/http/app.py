@@ -330,7 +330,7 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             "service": "separation-worker", "version": __version__,
             "model": config.default_model(), "status": service.health()["status"],
             "auth": "bearer token" if settings.tokens else "none",
-            "routes": sorted({getattr(r, "path", "") for r in app.routes} - {""}),
+            "routes": sorted(app.openapi()["paths"]),
             "docs": "/docs",
         }
 

@@ -85,13 +85,15 @@ async def runsync(request: Request, body: RunRequest,
     return _answer(request, job, full=True)
 
 
-@router.api_route("/status/{job_id}", methods=["GET", "POST"])
+@router.get("/status/{job_id}")
+@router.post("/status/{job_id}", include_in_schema=False)
 def status(request: Request, job_id: str) -> JSONResponse:
     """The job object (GET, as the SDK polls; POST too, as RunPod accepts)."""
     return _answer(request, _service(request).get(job_id), full=True)
 
 
-@router.api_route("/stream/{job_id}", methods=["GET", "POST"], response_model=None)
+@router.get("/stream/{job_id}", response_model=None)
+@router.post("/stream/{job_id}", response_model=None, include_in_schema=False)
 def stream(request: Request, job_id: str,
            accept: str | None = Header(None)) -> JSONResponse | StreamingResponse:
     """RunPod's ``{status, stream: [{output: item}]}`` with the items not read yet; with
