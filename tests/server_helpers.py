@@ -4,6 +4,7 @@ Everything binds 127.0.0.1 and is stopped by the test that started it."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,9 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import soundfile as sf
+from fixtures_audio import chord_signal
 from worker_helpers import ROOT, b64, free_port, input_bytes, worker_env
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+def long_wav(seconds: float) -> bytes:
+    """A long input (several chunks), cheap to make: chords, not the synthetic song."""
+    buf = io.BytesIO()
+    sf.write(buf, chord_signal(seconds, 44100, 2).T, 44100, format="WAV")
+    return buf.getvalue()
 
 
 def short_input(seconds: float = 0.5, seed: int = 0) -> dict:

@@ -3,16 +3,13 @@ requests, over real HTTP on 127.0.0.1 (server in a thread of this process, model
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import soundfile as sf
-from fixtures_audio import chord_signal
-from server_helpers import Client, ThreadServer, short_input
+from server_helpers import Client, ThreadServer, long_wav, short_input
 from servers import LocalHTTPServer, Serve
 from worker_helpers import check_audio, check_final, check_progress, fetch, input_bytes
 
@@ -29,20 +26,13 @@ def env() -> Iterator[None]:
         yield
 
 
-def long_wav(seconds: float) -> bytes:
-    """A long input, cheap to make (chords, not the synthetic song)."""
-    buf = io.BytesIO()
-    sf.write(buf, chord_signal(seconds, 44100, 2).T, 44100, format="WAV")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def audio(env: None) -> Iterator[dict[str, str]]:
-    """URLs of a short clip and of a long one (60 s: several chunks, for cancel/timeout)."""
+    """URLs of a short clip and of a long one (30 s: three chunks, for cancel/timeout)."""
     server = LocalHTTPServer().start()
     try:
         yield {"short": server.route("/short.wav", Serve(input_bytes(SHORT_S)[0])),
-               "long": server.route("/long.wav", Serve(long_wav(60.0)))}
+               "long": server.route("/long.wav", Serve(long_wav(30.0)))}
     finally:
         server.stop()
 

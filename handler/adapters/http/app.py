@@ -253,32 +253,33 @@ class BodyLimit:
             await too_big(scope, receive, send)
             return
         seen = 0
-        started = False
+        started = responded = False
 
         async def counting_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, responded
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.request" and not responded:
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    responded = True
+                    if not started:
+                        await too_big(scope, receive, send)
+                    return {"type": "http.disconnect"}  # the app stops reading
             return message
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
+            if responded:
+                return  # the 413 was the answer
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await too_big(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
+        except Exception:
+            if not responded:
+                raise
 
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
