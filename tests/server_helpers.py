@@ -154,7 +154,7 @@ class ProcServer:
     def __init__(self, data_dir: Path, log_path: Path, port: int | None = None, **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = worker_env(DATA_DIR=str(data_dir), LOG_LEVEL="INFO", **env)
+        self.env = worker_env(**{"DATA_DIR": str(data_dir), "LOG_LEVEL": "INFO", **env})
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 

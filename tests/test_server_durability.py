@@ -238,16 +238,35 @@ def test_body_cap_413(tmp_path: Path, env: None) -> None:
         assert c.post("/run", json={"input": short_input()}).status_code == 200
 
 
-def test_queue_cap_429(tmp_path: Path, audio: dict) -> None:
-    with thread_server(tmp_path, max_queue=1) as srv:
+def test_queue_cap_429_and_ttl(tmp_path: Path, audio: dict) -> None:
+    with thread_server(tmp_path, max_queue=1, janitor_interval_s=0.2) as srv:
         c = srv.client()
         running = c.run({"audio_url": audio["long"]})
         c.wait(running, lambda j: j["status"] != "IN_QUEUE")
-        queued = c.run({"audio_url": audio["short"]})
+        queued = c.run({"audio_url": audio["short"]}, policy={"ttl": 1000})
         full = c.post("/run", json={"input": {"audio_url": audio["short"]}})
         assert full.status_code == 429, full.text
         assert int(full.headers["Retry-After"]) >= 1
-        assert c.post(f"/cancel/{queued}").json()["status"] == "CANCELLED"
+        # The queued job's ttl runs out before it starts: the janitor times it out.
+        body = c.wait(queued, timeout_s=10)
+        assert body["status"] == "TIMED_OUT" and "ttl" in body["error"], body
+        assert body["startedAt"] is None
+        again = c.run({"audio_url": audio["short"]})  # room in the queue again
+        assert c.post(f"/cancel/{again}").json()["status"] == "CANCELLED"
         assert c.post(f"/cancel/{running}").json()["status"] == "CANCELLED"
-        assert c.post("/run", json={"input": short_input()}).status_code == 200
         assert c.wait(running)["status"] in TERMINAL
+
+
+def test_retention_janitor(tmp_path: Path, env: None) -> None:
+    with thread_server(tmp_path, result_retention_s=1.0, janitor_interval_s=0.2) as srv:
+        c = srv.client()
+        job = c.run(short_input())
+        url = c.wait(job)["output"][-1]["audio_url"]
+        assert requests.get(url, timeout=10).status_code == 200
+        assert (tmp_path / "results" / job).is_dir()
+        deadline = time.monotonic() + 15
+        while c.get(f"/status/{job}").status_code != 404:
+            assert time.monotonic() < deadline, "the janitor kept an expired job"
+            time.sleep(0.1)
+        assert requests.get(url, timeout=10).status_code == 404
+        assert not (tmp_path / "results" / job).exists()
