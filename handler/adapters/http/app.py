@@ -91,15 +91,18 @@ class Service:
         self.store.close()
 
     def _warm_up(self) -> None:
-        from handler.core.models import get_model
+        """The worker's own cold start: REQUIRE_CUDA check, then the default model."""
+        from handler.handler import warm_up
 
         try:
-            get_model(config.default_model())
+            warm_up()
             self.model_ready = True
+        except SystemExit as exc:  # REQUIRE_CUDA without a usable GPU
+            self.model_error = str(exc.code)
         except Exception as exc:  # noqa: BLE001 - reported by /health, not fatal to the server
             self.model_error = str(exc) if isinstance(exc, WorkerError) else type(exc).__name__
-            log.error("default model %s failed to load: %s", config.default_model(),
-                      self.model_error)
+        if self.model_error:
+            log.error("not ready: %s (/health says unhealthy, /readyz 503)", self.model_error)
 
     def _janitor(self) -> None:
         while not self._stop.wait(self.settings.janitor_interval_s):

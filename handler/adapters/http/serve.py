@@ -17,7 +17,7 @@ import uvicorn
 from handler import config
 from handler.adapters.http.app import create_app
 from handler.adapters.http.settings import ServerSettings
-from handler.redact import install_log_redaction
+from handler.redact import install_log_redaction, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def serve(host: str | None = None, port: int | None = None) -> int:
         settings.host = host
     if port:
         settings.port = port
+    for secret in (*settings.tokens, settings.webhook_secret):
+        register_secret(secret)  # never in a log line
     if settings.require_auth and not settings.tokens:
         log.error("REQUIRE_AUTH is set but API_TOKEN is empty: refusing to start")
         return 2
