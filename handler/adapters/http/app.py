@@ -175,9 +175,11 @@ class Service:
             raise HTTPException(404, f"job {job_id!r} not found")
         return job
 
-    async def wait(self, job_id: str, seconds: float) -> Job:
-        """The job once terminal, or as it is after ``seconds``."""
-        deadline = time.monotonic() + max(0.0, min(seconds, self.settings.sync_max_wait_s))
+    async def wait(self, job_id: str, seconds: float, cap: float | None = None) -> Job:
+        """The job once terminal, or as it is after ``seconds`` (at most ``cap``, by default
+        SYNC_MAX_WAIT_S)."""
+        cap = self.settings.sync_max_wait_s if cap is None else cap
+        deadline = time.monotonic() + max(0.0, min(seconds, cap))
         delay = 0.05
         while True:
             job = self.get(job_id)

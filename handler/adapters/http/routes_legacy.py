@@ -67,7 +67,8 @@ async def separate_sync(request: Request, body: SeparateSync) -> JSONResponse:
         job_input["model"] = model
     job, _ = await asyncio.to_thread(service.submit, request, kind="cpu_sync",
                                      job_input=job_input)
-    job = await service.wait(job.id, service.settings.execution_timeout_s + 5)
+    timeout = service.settings.execution_timeout_s + 5  # the predecessor waited this long
+    job = await service.wait(job.id, timeout, cap=timeout)
     answer = cpu_result(service.store, job)
     if warnings:
         answer["warnings"] = warnings + answer.get("warnings", [])

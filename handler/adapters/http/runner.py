@@ -127,6 +127,9 @@ class Runner:
     def _run(self, job: Job) -> None:
         running = _Running()
         self._running[job.id] = running
+        current = self.store.get(job.id)
+        if current is None or current.status != RUNNING:  # cancelled as it was claimed
+            running.stop("cancel")
         timer = threading.Timer(job.execution_timeout_s, running.stop, args=("timeout",))
         timer.daemon = True
         timer.start()

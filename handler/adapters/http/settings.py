@@ -35,7 +35,7 @@ def _tokens() -> tuple[str, ...]:
 class ServerSettings:
     host: str = field(default_factory=lambda: _first("HOST") or "0.0.0.0")
     port: int = field(default_factory=lambda: int(_first("PORT") or 8000))
-    data_dir: Path = field(default_factory=lambda: Path(_first("DATA_DIR") or "/data"))
+    data_dir: Path = field(default_factory=lambda: Path(_first("DATA_DIR") or "data"))
     public_base_url: str | None = field(
         default_factory=lambda: (_first("PUBLIC_BASE_URL") or "").rstrip("/") or None)
     tokens: tuple[str, ...] = field(default_factory=_tokens)
