@@ -230,3 +230,53 @@ def test_remote_cli_against_the_server(server: ThreadServer, audio: dict,
     check_audio(data, {"format": "mp3", "sample_rate": 44100, "channels": 1,
                        "duration_s": round(SHORT_SAMPLES / 44100, 6), "bytes": len(data)},
                 samples=SHORT_SAMPLES, channels=1)
+
+
+def test_bucket_results_and_result_route(server: ThreadServer, client: Client, s3_env: str,
+                                         s3_server: object) -> None:
+    """With the worker's bucket configured, outputs are the worker's presigned URLs, and the
+    GPU template's ``/result/{id}`` streams the bytes from the bucket (no redirect)."""
+    job_id = client.run(short_input(SHORT_S))
+    final = client.wait(job_id)["output"][-1]
+    out = final["outputs"][0]
+    assert out["bucket"] == s3_env and out["key"].endswith(f"/{job_id}/instrumental.mp3")
+    assert "X-Amz-Signature=" in out["url"]
+    data = fetch(out["url"])
+    check_audio(data, out, samples=SHORT_SAMPLES, channels=1)
+    proxied = client.get(f"/result/{job_id}", allow_redirects=False)
+    assert proxied.status_code == 200 and proxied.content == data
+
+
+def test_settings_env_and_predecessor_aliases(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from handler import config
+    from handler.adapters.http.settings import ServerSettings
+
+    for name in ("EXECUTION_TIMEOUT_S", "DEFAULT_MODEL", "API_TOKEN", "API_TOKENS"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("PORT", "8185")
+    monkeypatch.setenv("HOST", "127.0.0.1")
+    monkeypatch.setenv("SEPARATION_TIMEOUT", "42")
+    monkeypatch.setenv("DEMUCS_MODEL", "htdemucs")
+    monkeypatch.setenv("API_TOKENS", "a-token-1, a-token-2")
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    settings = ServerSettings()
+    assert (settings.host, settings.port, settings.execution_timeout_s) == ("127.0.0.1", 8185, 42)
+    assert config.default_model() == "htdemucs"
+    assert settings.tokens == ("a-token-1", "a-token-2") and settings.data_dir == tmp_path
+    monkeypatch.setenv("EXECUTION_TIMEOUT_S", "7")  # the new name wins over the alias
+    monkeypatch.setenv("DEFAULT_MODEL", "spleeter_2stems")
+    settings = ServerSettings()
+    assert settings.execution_timeout_s == 7 and config.default_model() == "spleeter_2stems"
+
+
+def test_public_base_url(tmp_path: Path, env: None) -> None:
+    from server_helpers import thread_server
+
+    with thread_server(tmp_path, public_base_url="https://separate.example.com") as srv:
+        c = srv.client()
+        job_id = c.run(short_input(SHORT_S))
+        url = c.wait(job_id)["output"][-1]["audio_url"]
+        assert url.startswith(f"https://separate.example.com/result/{job_id}/instrumental?sig=")
+        local = url.removeprefix("https://separate.example.com")
+        assert requests.get(srv.url + local, timeout=10).status_code == 200
