@@ -28,11 +28,11 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def audio(env: None) -> Iterator[dict[str, str]]:
-    """URLs of a short clip and of a long one (30 s: three chunks, for cancel/timeout)."""
+    """URLs of a short clip and of a long one (120 s: ten chunks, for cancel/timeout)."""
     server = LocalHTTPServer().start()
     try:
         yield {"short": server.route("/short.wav", Serve(input_bytes(SHORT_S)[0])),
-               "long": server.route("/long.wav", Serve(long_wav(30.0)))}
+               "long": server.route("/long.wav", Serve(long_wav(120.0)))}
     finally:
         server.stop()
 
