@@ -56,4 +56,12 @@ COPY test_input.json ./
 RUN DEVICE=cpu python builder/bake_models.py --models "${MODELS}" --dest /models --verify-only
 
 # At start the worker checks CUDA (REQUIRE_CUDA=1) and exits with a clear message if unusable.
-CMD ["python", "-u", "handler/handler.py"]
+# MODE_TO_RUN=http: the self-hosted HTTP service on $PORT (default 8000, data in $DATA_DIR);
+# otherwise (default) the RunPod serverless worker. The HEALTHCHECK probes /ping in http mode
+# and always passes in serverless mode (no server to probe).
+COPY start.sh ./
+ENV DATA_DIR=/data
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-m", "handler.server", "--probe"]
+CMD ["sh", "/app/start.sh"]

@@ -79,16 +79,33 @@ def test_production_tools_do_not_import_tests() -> None:
     assert not offenders, offenders
 
 
-_READ = re.compile(
-    r"""(?:env_(?:str|int|float|bool)\(\s*|environ(?:\.get|\.setdefault)?[\(\[]\s*|getenv\(\s*)"""
-    r"""["']([A-Z][A-Z0-9_]+)["']"""
-)
+# Functions whose first argument is an environment variable name (``_first``: every argument,
+# names tried in order, as the HTTP service reads its aliases).
+_READERS = {"env_str", "env_int", "env_float", "env_bool", "getenv", "_first"}
+_NAME = re.compile(r"[A-Z][A-Z0-9_]+")
+
+
+def _is_environ(node: ast.AST) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == "environ" or (
+        isinstance(node, ast.Name) and node.id == "environ")
 
 
 def vars_read_by_code() -> set[str]:
+    """Names passed to env readers, os.environ.get/setdefault/pop and os.environ[...]."""
     names: set[str] = set()
     for path in HANDLER.rglob("*.py"):
-        names.update(_READ.findall(path.read_text()))
+        for node in ast.walk(ast.parse(path.read_text())):
+            args: list[ast.AST] = []
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if name in _READERS or (isinstance(func, ast.Attribute) and _is_environ(
+                        func.value) and name in ("get", "setdefault", "pop")):
+                    args = list(node.args) if name == "_first" else node.args[:1]
+            elif isinstance(node, ast.Subscript) and _is_environ(node.value):
+                args = [node.slice]
+            names.update(a.value for a in args if isinstance(a, ast.Constant)
+                         and isinstance(a.value, str) and _NAME.fullmatch(a.value))
     return names
 
 

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-file", type=Path, default=None,
                    help="keep a progress JSON (predecessor format) at this path")
     p.add_argument("--endpoint", default=None,
-                   help="run on a RunPod endpoint with this ID instead of locally")
+                   help="run on a RunPod endpoint with this ID, or on a self-hosted server "
+                   "at this base URL (http://host:port), instead of locally")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks")
     return p

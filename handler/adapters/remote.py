@@ -1,4 +1,5 @@
-"""``demucs-separate --endpoint ID``: run the job on a deployed RunPod endpoint.
+"""``demucs-separate --endpoint ID|URL``: run the job on a deployed RunPod endpoint, or on a
+self-hosted server (``python -m handler.server``) given by its base URL.
 
 A local file is uploaded to the worker's bucket first (``BUCKET_*`` env, as the worker uses),
 the job is submitted with the runpod SDK's endpoint client (``RUNPOD_API_KEY``), streamed
@@ -50,11 +51,17 @@ def run_remote(
 
     # The SDK itself reads only ~/.runpod/config.toml, not the environment.
     api_key = os.environ.get("RUNPOD_API_KEY", "").strip() or runpod.api_key
-    if not api_key:
+    self_hosted = endpoint_id.startswith(("http://", "https://"))
+    if not api_key and not self_hosted:
         raise InvalidInput("--endpoint needs RUNPOD_API_KEY set (or `runpod config`)")
-    client = RunPodClient(api_key=api_key)
+    # A self-hosted server takes the same key as its bearer token (none if it has no API_TOKEN).
+    client = RunPodClient(api_key=api_key or "none")
+    prefix = f"{endpoint_id}/"
+    if self_hosted:  # its job API is at the root (and at /v2/<anything>/)
+        client.endpoint_url_base = endpoint_id.rstrip("/")
+        prefix = ""
     payload = {"input": {**_source(source), **req.as_job_input()}}
-    job_id = client.post(f"{endpoint_id}/run", payload)["id"]
+    job_id = client.post(f"{prefix}run", payload)["id"]
     poll = _Poller(client)
     final: dict | None = None
     deadline = time.monotonic() + timeout_s
@@ -62,7 +69,7 @@ def run_remote(
         if time.monotonic() > deadline:
             raise InternalError(f"job {job_id} did not finish in {timeout_s:.0f} s")
         time.sleep(poll_s)
-        state = poll(f"{endpoint_id}/stream/{job_id}")
+        state = poll(f"{prefix}stream/{job_id}")
         for chunk in state.get("stream") or []:
             item = chunk.get("output", chunk)
             if isinstance(item, dict) and item.get("status") == "progress":
@@ -75,7 +82,7 @@ def run_remote(
         if final is None and status in FINAL:
             if state.get("error"):
                 raise WorkerError(str(state["error"]))
-            result = poll(f"{endpoint_id}/status/{job_id}")
+            result = poll(f"{prefix}status/{job_id}")
             output = result.get("output")
             final = output[-1] if isinstance(output, list) and output else output
             if final is None:

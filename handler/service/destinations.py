@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from handler import config
@@ -109,8 +112,34 @@ class Base64(Destination):
         return {"url": f"data:{output.file.content_type};base64,{data}", "key": None}
 
 
+@dataclass(frozen=True)
+class LocalResults:
+    """Keep outputs in ``dir`` (the HTTP server's DATA_DIR), served at ``url_prefix/<name>``.
+
+    Set as ``job["local_results"]`` by the HTTP server only: a JSON job (RunPod's) can never
+    carry this type, so a caller cannot point the worker at its disk.
+    """
+
+    dir: Path
+    url_prefix: str
+    url_suffix: str = ""  # e.g. the server's "?sig=..." download signature
+
+
+class LocalDir(Destination):
+    def __init__(self, where: LocalResults):
+        self.where = where
+
+    def store(self, output: StemOutput, name: str) -> dict:
+        self.where.dir.mkdir(parents=True, exist_ok=True)
+        dest = self.where.dir / f"{name}.{output.file.format}"
+        shutil.move(output.file.path, dest)  # a rerun of the same job id overwrites
+        url = f"{self.where.url_prefix}/{name}{self.where.url_suffix}"
+        return {"url": url, "key": None}
+
+
 def destination_for(inp: JobInput, s3_config: S3Config | None, job_id: str,
-                    event: tuple[str, str] | None) -> Destination:
+                    event: tuple[str, str] | None,
+                    local: LocalResults | None = None) -> Destination:
     if inp.return_base64:
         return Base64(config.env_int("MAX_BASE64_OUTPUT_MB", 15) * 1024 * 1024)
     if inp.output_urls is not None:
@@ -123,6 +152,8 @@ def destination_for(inp: JobInput, s3_config: S3Config | None, job_id: str,
         bucket, input_key = event
         settings = dataclasses.replace(settings, bucket=bucket)
         return Bucket(settings, lambda name, ext: keys.event_output_key(input_key, name, ext))
+    if not settings.configured and s3_config is None and isinstance(local, LocalResults):
+        return LocalDir(local)
     if not settings.configured:
         raise UploadFailed(
             "no output destination: the worker has no bucket configured (BUCKET_NAME / "

@@ -117,7 +117,7 @@ def open_job(job: dict, job_id: str) -> JobPlan | dict:
         event = fresh[0]
 
     s3_source = event or (keys.parse_s3_uri(inp.s3_uri) if inp.s3_uri is not None else None)
-    destination = destination_for(inp, s3_config, job_id, event)
+    destination = destination_for(inp, s3_config, job_id, event, job.get("local_results"))
     prepared = prepare(inp.request())
     if not inp.interval_cut:
         destination.check(len(prepared.stems), prepared.stems)
