@@ -24,6 +24,8 @@ ARGVS = [
     [],
     ["--model", "htdemucs", "--stems", "vocals,drums", "--format", "flac", "--channels", "2"],
     ["--all-stems", "--shifts", "0", "--overlap", "0.5", "--segment", "7.5", "--seed", "9"],
+    ["--format", "wav", "--bit-depth", "32f"],
+    ["--format", "flac", "--bit-depth", "24", "--channels", "2"],
     ["--mp3-bitrate", "320", "--interval-cut", "1.5,30;60", "-n", "mdx_extra"],
 ]
 

@@ -79,7 +79,10 @@ def prepare(req: SeparationRequest) -> Prepared:
     if not req.stems:
         raise InvalidInput("stems must name at least one stem")
     if req.all_stems:
-        stems = model.stems
+        # Spleeter's "accompaniment" source *is* the instrumental: "all" writes it once, as
+        # instrumental (asking for accompaniment by name still works).
+        stems = [s for s in model.stems
+                 if not (s == "accompaniment" and INSTRUMENTAL in model.stems)]
     else:
         unknown = [s for s in req.stems if s not in model.stems]
         if unknown:
@@ -248,7 +251,7 @@ def _open_writers(out_dir: Path, prepared: Prepared, cuts: list[int]) -> list[_S
 
     def opener(stem: str) -> Callable[[int | None], Writer]:
         return lambda index: open_writer(out_dir / f"{output_name(stem, index)}.{ext}", ext,
-                                         rate, req.channels, req.mp3_bitrate)
+                                         rate, req.channels, req.mp3_bitrate, req.bit_depth)
 
     return [_SplitWriter(opener(stem), cuts) for stem in prepared.stems]
 

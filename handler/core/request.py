@@ -13,10 +13,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
-from handler.core.encode import FORMATS, MP3_BITRATES
+from handler.core.encode import BIT_DEPTHS, FORMATS, MP3_BITRATES
 from handler.errors import InvalidInput
 
 ALL_STEMS = "all"
@@ -49,6 +56,9 @@ class SeparationRequest(BaseModel):
         json_schema_extra=_cli("--stems"))
     output_format: Literal[FORMATS] = Field(  # type: ignore[valid-type]
         "mp3", description="output format", json_schema_extra=_cli("--format"))
+    bit_depth: Literal[BIT_DEPTHS] = Field(  # type: ignore[valid-type]
+        "16", description="WAV/FLAC samples: 16, 24 (bit integer) or 32f (32-bit float WAV, "
+        "not clipped: demucs's --float32)", json_schema_extra=_cli("--bit-depth"))
     mp3_bitrate: int = Field(192, description="MP3 bitrate, kbps",
                              json_schema_extra=_cli("--mp3-bitrate"))
     channels: int = Field(1, description="1 (mono) or 2 (stereo) output",
@@ -67,6 +77,19 @@ class SeparationRequest(BaseModel):
         description='cut points in seconds, e.g. "300,600": one output file per interval',
         json_schema_extra=_cli("--interval-cut", hint="must be comma-separated seconds"))
     seed: int = Field(0, description="seed of the shift offsets", json_schema_extra=_cli("--seed"))
+
+    @field_validator("bit_depth", mode="before")
+    @classmethod
+    def _depth_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _depth_fits_format(self) -> SeparationRequest:
+        if self.bit_depth != "16" and self.output_format == "mp3":
+            raise ValueError("bit_depth applies to wav and flac output (MP3 has no bit depth)")
+        if self.bit_depth == "32f" and self.output_format != "wav":
+            raise ValueError("32-bit float samples need wav output (FLAC has none)")
+        return self
 
     @field_validator("stems", mode="before")
     @classmethod
@@ -134,7 +157,7 @@ def cli_options() -> list[tuple[str, list[str], dict[str, Any]]]:
             help_text += f" (default: {shown})"
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         choices = getattr(field.annotation, "__args__", None)
-        if name == "output_format" and choices:
+        if name in ("output_format", "bit_depth") and choices:
             kwargs["choices"] = list(choices)
         if extra.get("metavar"):
             kwargs["metavar"] = extra["metavar"]
@@ -158,6 +181,9 @@ def parse_cli_request(data: dict[str, Any]) -> SeparationRequest:
         for err in exc.errors(include_url=False, include_input=False):
             field = SeparationRequest.model_fields.get(str(err["loc"][0])) if err["loc"] else None
             extra = field.json_schema_extra if field is not None else None
+            if not err["loc"]:  # a rule across fields (bit depth vs format)
+                parts.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
             if not isinstance(extra, dict):
                 parts.append(describe_validation(exc))
                 break

@@ -123,6 +123,7 @@ class LocalResults:
     dir: Path
     url_prefix: str
     url_suffix: str = ""  # e.g. the server's "?sig=..." download signature
+    file_urls: bool = False  # local runs: url = the file's own file:// URL
 
 
 class LocalDir(Destination):
@@ -133,6 +134,8 @@ class LocalDir(Destination):
         self.where.dir.mkdir(parents=True, exist_ok=True)
         dest = self.where.dir / f"{name}.{output.file.format}"
         shutil.move(output.file.path, dest)  # a rerun of the same job id overwrites
+        if self.where.file_urls:
+            return {"url": dest.resolve().as_uri(), "key": None}
         url = f"{self.where.url_prefix}/{name}{self.where.url_suffix}"
         return {"url": url, "key": None}
 

@@ -9,6 +9,7 @@ is cancelled.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,15 @@ from handler.transfer import keys, s3
 from handler.transfer.http import download
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalInput:
+    """The job's audio as a local file: ``job["local_input"]``, set by local runs only
+    (``handler.py --input-file``). A JSON job can never carry this type, so a caller cannot
+    make a deployed worker read its disk; no base64 size limit applies."""
+
+    path: Path
+
+
 @dataclasses.dataclass
 class JobPlan:
     """A job checked at the door: what to fetch, how to separate, where to store."""
@@ -32,6 +42,7 @@ class JobPlan:
     destination: Destination
     event: tuple[str, str] | None  # (bucket, key) of an S3-event-triggered job
     s3_source: tuple[str, str] | None  # (bucket, key) to read: the event's or s3_uri's
+    local_input: LocalInput | None = None
 
     def execute(self, work: Path, report: ProgressFn,
                 should_stop: Callable[[], bool] | None = None) -> dict:
@@ -77,7 +88,9 @@ class JobPlan:
     def _fetch(self, src: Path, report: ProgressFn) -> Path:
         inp = self.inp
         max_bytes = config.max_download_bytes()
-        if inp.audio_url is not None:
+        if self.local_input is not None:
+            shutil.copyfile(self.local_input.path, src)  # the job's folder owns its input
+        elif inp.audio_url is not None:
             download(inp.audio_url, src, max_bytes=max_bytes,
                      allow_private=config.allow_private_urls(),
                      on_progress=lambda done, total: report("download", done, total or 0))
@@ -95,7 +108,9 @@ class JobPlan:
 def open_job(job: dict, job_id: str) -> JobPlan | dict:
     """The job's plan, or the final item of a job with nothing to do (an S3 event for the
     worker's own output). Raises a WorkerError for anything wrong with the job."""
-    inp = parse_job_input(job.get("input"))
+    local = job.get("local_input")
+    local_input = local if isinstance(local, LocalInput) else None
+    inp = parse_job_input(job.get("input"), local_input=local_input is not None)
     s3_config = parse_s3_config(job.get("s3Config"))
 
     event = None
@@ -122,5 +137,5 @@ def open_job(job: dict, job_id: str) -> JobPlan | dict:
     if not inp.interval_cut:
         destination.check(len(prepared.stems), prepared.stems)
     destination.preflight()  # a bucket typo costs a request, not a separation
-    return JobPlan(inp, prepared, destination, event, s3_source)
+    return JobPlan(inp, prepared, destination, event, s3_source, local_input)
 

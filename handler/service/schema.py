@@ -10,7 +10,7 @@ import binascii
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
 from handler.core.request import SeparationRequest, describe_validation
 from handler.errors import InvalidInput
@@ -47,11 +47,13 @@ class JobInput(SeparationRequest):
     return_base64: bool = False
 
     @model_validator(mode="after")
-    def _one_source(self) -> JobInput:
+    def _one_source(self, info: ValidationInfo) -> JobInput:
         sources = [
             name for name in ("audio_url", "audio_base64", "s3_uri", "Records")
             if getattr(self, name) not in (None, "", [])
         ]
+        if info.context and info.context.get("local_input"):
+            sources.append("a local file (--input-file)")
         if len(sources) != 1:
             found = ", ".join(sources) if sources else "none"
             raise ValueError(
@@ -75,11 +77,13 @@ class JobInput(SeparationRequest):
         return bool(self.Records)
 
 
-def parse_job_input(raw: Any) -> JobInput:
+def parse_job_input(raw: Any, *, local_input: bool = False) -> JobInput:
+    """``local_input``: a local run supplies the audio as a file (flow.LocalInput), which
+    counts as the job's one source."""
     if not isinstance(raw, dict):
         raise InvalidInput("job input must be a JSON object")
     try:
-        return JobInput.model_validate(raw)
+        return JobInput.model_validate(raw, context={"local_input": local_input})
     except ValidationError as exc:
         raise InvalidInput(describe_validation(exc)) from None
 

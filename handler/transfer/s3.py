@@ -261,6 +261,25 @@ def _describe_boto_error(exc: BaseException) -> str:
 # --- upload ------------------------------------------------------------------------------
 
 
+def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """Every object key under ``prefix`` (folder markers left out), in key order."""
+    keys: list[str] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                      Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code")
+        if code in ("NoSuchBucket", "AccessDenied"):
+            raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: {code}") from None
+        raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: "
+                             f"{_describe_boto_error(e)}") from None
+    except BotoCoreError as e:
+        raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: "
+                             f"{_describe_boto_error(e)}") from None
+    return sorted(keys)
+
+
 def upload_file(
     client: Any,
     path: Path,

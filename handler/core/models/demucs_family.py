@@ -25,7 +25,9 @@ DEMUCS_MODELS = (
 
 
 def _bake_hint(name: str) -> str:
-    return f"bake it with `python builder/bake_models.py --models {name}` (build arg MODELS={name})"
+    # --dest spelled out: the folder this process reads, whatever MODELS_DIR says.
+    return (f"bake it with `python builder/bake_models.py --models {name} --dest "
+            f"{models_dir()}` (image build arg MODELS={name})")
 
 
 def _no_diffq(name: str) -> str:
