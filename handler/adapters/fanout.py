@@ -15,6 +15,7 @@ import base64
 import contextlib
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -157,7 +158,7 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
             job_id = client.call("POST", "run", body, stop)["id"]
             with lock:
                 in_flight[job_id] = item.source
-            bar.write(f"   queued {job_id}  {item.source}")
+            bar.write(f"   queued {job_id}  {item.source}", file=sys.stderr)
             state: dict = {}
             while state.get("status") not in FINAL:
                 if stop.wait(poll_s):
@@ -201,7 +202,7 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
                 bar.update(1)
                 bar.write(f"{outcome.status:>9} {outcome.job_id or '-'}  "
                           f"{outcome.seconds:6.1f} s  {outcome.source}"
-                          + (f"  {outcome.error}" if outcome.error else ""))
+                          + (f"  {outcome.error}" if outcome.error else ""), file=sys.stderr)
     except BaseException:
         stop.set()
         for fut in pending:
