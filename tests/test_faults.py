@@ -237,7 +237,8 @@ def test_disk_full(tiny_disk, monkeypatch, http_server, clip):
     for fmt in ("wav", "mp3"):  # libsndfile's writer (WAV, FLAC) and our MP3 writer
         run = run_in_process({"id": "full", "input": {
             "audio_base64": b64(mid), "return_base64": True, "output_format": fmt,
-            "channels": 2, "stems": "all", "mp3_bitrate": 320}})
+            "channels": 2, "stems": "vocals,instrumental,accompaniment",  # 3 stems
+            "mp3_bitrate": 320}})
         check_error(run, "INTERNAL")
         assert run.final["error"] == no_space, fmt
         assert run.progress[-1]["stage"] == "separate", fmt  # it failed while writing stems
