@@ -119,7 +119,8 @@ def _main(argv: list[str] | None) -> int:
         items = batch.expand_inputs(specs)
         if args.shard:
             items = batch.shard(items, *batch.parse_shard(args.shard))
-        single = len(specs) == 1 and len(items) == 1 and not args.shard
+        single = (len(specs) == 1 and len(items) == 1 and not args.shard
+                  and not args.manifest and not (args.endpoint and args.filename))
         if not single:
             if progress_file:
                 raise InvalidInput("--progress-file follows one input; use --manifest for "

@@ -8,6 +8,7 @@ progress is shown, and the outputs are downloaded into the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -62,6 +63,20 @@ def run_remote(
         prefix = ""
     payload = {"input": {**_source(source), **req.as_job_input()}}
     job_id = client.post(f"{prefix}run", payload)["id"]
+    try:
+        final = _follow(client, prefix, job_id, quiet, poll_s, timeout_s)
+    except KeyboardInterrupt:  # Ctrl-C: the job stops too (best effort, one request)
+        with contextlib.suppress(Exception):
+            client.post(f"{prefix}cancel/{job_id}", {}, timeout=10)
+        raise
+    if "error" in final:
+        raise _typed(str(final["error"]))
+    return _download_outputs(final, out_dir)
+
+
+def _follow(client: Any, prefix: str, job_id: str, quiet: bool, poll_s: float,
+            timeout_s: float) -> dict:
+    """Poll the job until its final item, printing streamed progress."""
     poll = _Poller(client)
     final: dict | None = None
     deadline = time.monotonic() + timeout_s
@@ -87,9 +102,7 @@ def run_remote(
             final = output[-1] if isinstance(output, list) and output else output
             if final is None:
                 raise InternalError(f"job {job_id} ended {status} with no output")
-    if "error" in final:
-        raise _typed(str(final["error"]))
-    return _download_outputs(final, out_dir)
+    return final
 
 
 class _Poller:
