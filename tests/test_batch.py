@@ -281,3 +281,23 @@ def test_ctrl_c_cancels_the_jobs_in_flight(server, tmp_path: Path) -> None:
     assert "interrupted by SIGINT" in log.read_text()
     for job_id in ids:
         assert client.wait(job_id, timeout_s=60)["status"] == "CANCELLED"
+
+
+def test_an_s3_prefix_is_read_with_the_workers_credentials(env, s3_server, fast_local_network,
+                                                           monkeypatch, tmp_path: Path,
+                                                           capsys) -> None:
+    from devtools.servers import bucket_env
+
+    bucket = s3_server.create_bucket()
+    for name, value in bucket_env(s3_server.endpoint_url, bucket).items():
+        monkeypatch.setenv(name, value)
+    client = s3_server.client()
+    for i, key in enumerate(("in/x.wav", "in/deep/y.wav", "in/readme.txt", "other/z.wav")):
+        data = tmp_path / f"up{i}"
+        write_input(data, 0.5, seed=i)
+        client.upload_file(str(data), bucket, key)
+    out = tmp_path / "out"
+    assert main(["-i", f"s3://{bucket}/in/", "-o", str(out), "-q"]) == 0, \
+        capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp3")) == [
+        "x/instrumental.mp3", "y/instrumental.mp3"]
