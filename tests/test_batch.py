@@ -301,3 +301,26 @@ def test_an_s3_prefix_is_read_with_the_workers_credentials(env, s3_server, fast_
         capsys.readouterr().err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp3")) == [
         "x/instrumental.mp3", "y/instrumental.mp3"]
+
+
+def test_endpoint_requests_retry_on_429_5xx_and_network_errors(http_server) -> None:
+    from devtools.net import free_port
+    from devtools.servers import Serve, Status
+    from handler.adapters.fanout import EndpointClient
+    from handler.errors import WorkerError
+
+    body = json.dumps({"id": "j1", "status": "IN_PROGRESS"}).encode()
+    http_server.route("/status/j1", Status(429, headers={"Retry-After": "0.2"}), Status(503),
+                      Status(502), Serve(body, "application/json"))
+    http_server.route("/status/j2", Status(400, b"bad request"), Serve(body))
+    client = EndpointClient(http_server.base_url, None, retries=4, backoff_s=0.01)
+    started = time.monotonic()
+    assert client.call("GET", "status/j1")["status"] == "IN_PROGRESS"
+    assert http_server.hits("/status/j1") == 4
+    assert time.monotonic() - started >= 0.2  # Retry-After honoured
+    with pytest.raises(WorkerError, match="HTTP 400"):
+        client.call("GET", "status/j2")
+    assert http_server.hits("/status/j2") == 1  # a client error is not retried
+    closed = EndpointClient(f"http://127.0.0.1:{free_port()}", None, retries=2, backoff_s=0.01)
+    with pytest.raises(WorkerError, match="unreachable"):
+        closed.call("GET", "status/j1")

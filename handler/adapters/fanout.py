@@ -168,7 +168,8 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
                 in_flight.pop(job_id, None)
             final = _final_item(state)
             if state["status"] != "COMPLETED" or final is None or "error" in final:
-                error = (final or {}).get("error") or state.get("error") or state["status"]
+                error = ((final or {}).get("error") or state.get("error")
+                         or f"INTERNAL: the job ended {state['status']}")
                 raise _typed(str(error))
             written = []
             for out in final.get("outputs", []):
