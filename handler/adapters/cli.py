@@ -132,8 +132,10 @@ def _main(argv: list[str] | None) -> int:
             paths = run_remote(args.endpoint, items[0].source, args.output, req,
                                quiet=args.quiet)
         else:
+            # One input overwrites, as demucs does (a rerun with other options must not be
+            # skipped); several inputs, or --manifest, resume.
             paths = run_local(items[0], args.output, req, progress_file, quiet=args.quiet,
-                              template=args.filename, overwrite=args.overwrite)
+                              template=args.filename)
     except KeyboardInterrupt as e:  # Interrupted: SIGINT or SIGTERM
         name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
         if progress_file:
