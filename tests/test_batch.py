@@ -324,3 +324,38 @@ def test_endpoint_requests_retry_on_429_5xx_and_network_errors(http_server) -> N
     closed = EndpointClient(f"http://127.0.0.1:{free_port()}", None, retries=2, backoff_s=0.01)
     with pytest.raises(WorkerError, match="unreachable"):
         closed.call("GET", "status/j1")
+
+
+def test_a_killed_fanout_resumes_by_attaching_to_its_jobs(server, tmp_path: Path,
+                                                         capsys) -> None:
+    music = tmp_path / "music"
+    music.mkdir()
+    for i in range(2):
+        (music / f"song{i}.wav").write_bytes(long_wav(15.0))
+    out, manifest = tmp_path / "out", tmp_path / "manifest.jsonl"
+    argv = ["-i", str(music), "-o", str(out), "--endpoint", server.url, "--concurrency", "2",
+            "--manifest", str(manifest), "-q"]
+    log = tmp_path / "cli.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "handler.adapters.cli", *argv], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=err, env=worker_env())
+    try:
+        deadline = time.monotonic() + 120
+        while len(re.findall(r"queued (\w+)", log.read_text())) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        proc.kill()  # no chance to cancel: the jobs go on on the server
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ids = set(re.findall(r"queued (\w+)", log.read_text()))
+    assert {r["job_id"] for r in manifest_lines(manifest) if r["status"] == "submitted"} == ids
+
+    assert main(argv) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert set(re.findall(r"attached (\w+)", err)) == ids and "queued" not in err
+    assert sum(server.service.store.counts().values()) == 2  # nothing submitted twice
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp3")) == [
+        "song0/instrumental.mp3", "song1/instrumental.mp3"]

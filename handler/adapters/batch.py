@@ -214,7 +214,7 @@ def plan_outputs(items: list[Item], out_dir: Path, template: str | None, stems: 
 @dataclass
 class Outcome:
     source: str
-    status: str  # done | skipped | failed | cancelled
+    status: str  # done | skipped | failed | cancelled (| submitted: a job sent, in the manifest)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0

@@ -6,7 +6,9 @@ At most ``concurrency`` jobs are in flight; each thread submits one input (``/ru
 exponential backoff (``Retry-After`` honoured) on 429, 5xx and network errors, which is how
 RunPod asks clients to respect its rate limits. On Ctrl-C every job still in flight is
 cancelled (``/cancel``) before the command exits; finished inputs are in the manifest and on
-disk, so the same command resumes where it stopped.
+disk, so the same command resumes where it stopped. A run killed outright (SIGKILL, a lost
+machine) leaves its jobs running: the manifest's ``submitted`` lines let the next run attach
+to them instead of submitting them again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from handler.errors import (
     DownloadFailed,
     InternalError,
     InvalidInput,
+    WorkerError,
     as_worker_error,
 )
 
@@ -123,6 +126,22 @@ def _final_item(state: dict) -> dict | None:
     return output if isinstance(output, dict) else None
 
 
+def _reattach(client: EndpointClient, previous: dict | None,
+              stop: threading.Event) -> str | None:
+    """The job a killed run left behind for this input (its last manifest line says
+    ``submitted``), if the endpoint still has it queued, running or completed."""
+    if not previous or previous.get("status") != "submitted" or not previous.get("job_id"):
+        return None
+    job_id = str(previous["job_id"])
+    try:
+        state = client.call("GET", f"status/{job_id}", None, stop)
+    except InvalidInput:
+        raise
+    except WorkerError:  # gone (404: expired or purged): submit again
+        return None
+    return job_id if state.get("status") not in ("CANCELLED", "FAILED", "TIMED_OUT") else None
+
+
 def _download(url: str, dest_tmp: Path, session: requests.Session) -> None:
     if url.startswith("data:"):
         dest_tmp.write_bytes(base64.b64decode(url.split(",", 1)[1]))
@@ -152,13 +171,18 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
         started = time.perf_counter()
         job_id: str | None = None
         try:
-            body: dict[str, Any] = {"input": _job_input(item, req)}
-            if client.self_hosted:  # a client-chosen id makes a retried /run idempotent
-                body["id"] = uuid.uuid4().hex
-            job_id = client.call("POST", "run", body, stop)["id"]
+            job_id = _reattach(client, manifest.previous.get(item.source), stop)
+            if job_id is None:
+                body: dict[str, Any] = {"input": _job_input(item, req)}
+                if client.self_hosted:  # a client-chosen id makes a retried /run idempotent
+                    body["id"] = uuid.uuid4().hex
+                job_id = client.call("POST", "run", body, stop)["id"]
+                manifest.record(Outcome(item.source, "submitted", job_id=job_id))
+                bar.write(f"   queued {job_id}  {item.source}", file=sys.stderr)
+            else:
+                bar.write(f" attached {job_id}  {item.source}", file=sys.stderr)
             with lock:
                 in_flight[job_id] = item.source
-            bar.write(f"   queued {job_id}  {item.source}", file=sys.stderr)
             state: dict = {}
             while state.get("status") not in FINAL:
                 if stop.wait(poll_s):
