@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from handler.core.chunking import DONE, ChunkRule, ChunkSettings, Window
 from handler.core.models.base import LoadedModel, Member
 from handler.errors import Cancelled
 
@@ -34,22 +35,9 @@ class EngineOptions:
     seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
     shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = the model's own
-    # nn.MultiheadAttention's "fast path" computes self-attention with explicit score matrices
-    # (bmm + softmax) on the CPU; off, it goes through scaled_dot_product_attention (fused,
-    # flash-style). Same maths to ~1e-6; HTDemucs's transformer runs much faster.
-    sdpa_attention: bool = True
 
 
 ProgressFn = Callable[[int, int], None]
-
-
-def crossfade_weight(segment_length: int, transition_power: float) -> torch.Tensor:
-    """demucs's triangle: maximal in the middle of a chunk, normalised, to a power."""
-    half = segment_length // 2
-    weight = torch.cat(
-        [torch.arange(1, half + 1), torch.arange(segment_length - half, 0, -1)]
-    ).float()
-    return (weight / weight.max()) ** transition_power
 
 
 def _spans(a: int, b: int, cap: int) -> list[tuple[int, int, int]]:
@@ -111,51 +99,78 @@ class _InputRing:
 
 
 class _Lane:
-    def __init__(self, member: Member, prefix: int, segment_length: int, opts: EngineOptions):
+    """One (member, shift): its chunking rule and its weighted sums, as rings over lane
+    positions [emitted, emitted + span)."""
+
+    def __init__(self, member: Member, rule: ChunkRule):
         self.member = member
-        self.prefix = prefix  # zeros before the input (the shift trick)
-        self.seg = segment_length
-        self.stride = int((1 - opts.overlap) * segment_length)
-        if self.stride <= 0:
-            raise ValueError("overlap leaves no stride")
-        self.weight = crossfade_weight(segment_length, opts.transition_power)
-        self.valid_full = self._valid(segment_length)
-        self.offset = 0  # next chunk's start, lane coordinates
-        self.emitted = 0  # lane samples handed to the combiner
-        # Weighted sums as rings over lane positions [emitted, emitted + capacity): a batch
-        # of chunks reaches (batch - 1) strides plus one segment past the next chunk's start.
-        self.capacity = segment_length + (opts.batch_size - 1) * self.stride
+        self.rule = rule
+        self.prefix = rule.prefix
+        self.k = 0  # next chunk
+        self.emitted = 0  # lane positions handed on, normalised
+        self.capacity = rule.span
         self.acc: torch.Tensor | None = None  # (S, C, capacity)
         self.sumw: torch.Tensor | None = None  # (capacity,)
         self.done = False
-        self.chunks_done = 0
 
-    def _valid(self, chunk_length: int) -> int:
-        if self.member.pad_to_segment:
-            return self.seg
-        return int(self.member.valid_length(chunk_length))
+    def __getattr__(self, name: str):  # a lane reads as its rule (seg, stride, ...)
+        return getattr(self.__dict__["rule"], name)
 
-    def window(self, total: int | None, available: int) -> tuple[int, int, int] | None:
-        """(start, valid, chunk_length) of the next chunk in lane coordinates, or None if the
-        input needed for it has not been decoded yet. ``total``: input length once known."""
-        lane_total = None if total is None else total + self.prefix
-        if lane_total is not None:
-            if self.offset >= lane_total:
-                return None
-            chunk = min(self.seg, lane_total - self.offset)
+    def next_windows(self, total: int | None, available: int, batch: int) -> list[Window] | None:
+        """Up to ``batch`` consecutive windows of one input length, or None if the next one
+        cannot run yet (or the lane is done)."""
+        windows: list[Window] = []
+        while len(windows) < batch:
+            w = self.rule.window(self.k + len(windows), total, available)
+            if not isinstance(w, Window) or (windows and w.read_len != windows[0].read_len):
+                break
+            windows.append(w)
+        return windows or None
+
+    def accumulate(self, w: Window, y: torch.Tensor) -> None:
+        if self.acc is None:
+            self.acc = torch.zeros(*y.shape[:-1], self.capacity)
+            self.sumw = torch.zeros(self.capacity)
+        assert self.sumw is not None and w.out_start >= self.emitted
+        assert w.out_start + w.out_len - self.emitted <= self.capacity
+        for lo, hi, off in _spans(w.out_start, w.out_start + w.out_len, self.capacity):
+            wt = w.weight[off:off + hi - lo]
+            self.acc[..., lo:hi] += wt * y[..., w.trim + off:w.trim + off + hi - lo]
+            self.sumw[lo:hi] += wt
+        self.k += 1
+
+    def finish(self, total: int | None, available: int, n: int | None) -> torch.Tensor | None:
+        """Samples no later chunk can touch, normalised, as input samples from where the last
+        call stopped (lane positions [prefix, prefix + n))."""
+        if total is not None and self.rule.window(self.k, total, available) is DONE:
+            self.done = True
+            end = total
         else:
-            chunk = self.seg
-        valid = self._valid(chunk) if chunk != self.seg else self.valid_full
-        start = self.offset - (valid - chunk) // 2
-        if lane_total is None and available + self.prefix < start + valid:
+            end = self.rule.safe_end(self.k, total, available)
+        if end <= self.emitted or self.acc is None or self.sumw is None:
             return None
-        return start, valid, chunk
+        out = torch.empty(*self.acc.shape[:-1], end - self.emitted)
+        norm = self.rule.norm
+        for lo, hi, off in _spans(self.emitted, end, self.capacity):
+            part = out[..., off:off + hi - lo]
+            if norm is None:
+                torch.div(self.acc[..., lo:hi], self.sumw[lo:hi], out=part)
+            else:
+                torch.div(self.acc[..., lo:hi], norm, out=part)
+            self.acc[..., lo:hi] = 0  # the slots are reused for later positions
+            self.sumw[lo:hi] = 0
+        first, stop = self.emitted, end
+        self.emitted = end
+        lo = max(0, self.prefix - first)  # the zeros in front are not the track
+        hi = stop - first if n is None else min(stop, self.prefix + n) - first
+        return out[..., lo:hi] if hi > lo else None
 
-    def lane_total(self, total: int) -> int:
-        return total + self.prefix
+    def read_floor(self, total: int | None, available: int) -> int:
+        """Input samples below this are never read again by this lane."""
+        return self.rule.read_floor(self.k, total, available) - self.prefix
 
-    def chunks_total(self, total: int) -> int:
-        return -(-self.lane_total(total) // self.stride)
+    def chunks_total(self, n: int) -> int:
+        return self.rule.chunks_total(self.rule.lane_total(n))
 
 
 class Separator:
@@ -185,7 +200,8 @@ class Separator:
                     if offset is None:
                         offset = rng.randint(0, max_shift)
                     prefix = max_shift - offset
-                self.lanes.append(_Lane(member, prefix, seg, o))
+                settings = ChunkSettings(seg, o.overlap, o.transition_power, prefix, o.batch_size)
+                self.lanes.append(_Lane(member, member.chunking(settings)))
                 coef = [member.weights[k] / totals[k] / max(1, o.shifts) for k in range(nsrc)]
                 self.coefs.append(torch.tensor(coef, dtype=torch.float32).view(nsrc, 1, 1))
 
@@ -202,29 +218,23 @@ class Separator:
         source = iter(blocks)
         # What lanes still need: about two windows each, the shift spread and a decoded block.
         rate = self.model.samplerate
-        ring = _InputRing(channels, max(2 * la.valid_full + la.prefix for la in self.lanes)
+        ring = _InputRing(channels, max(2 * la.capacity + la.prefix for la in self.lanes)
                           + 10 * rate)
-        chunk_bufs: dict[tuple[int, int], np.ndarray] = {}  # (batch, valid) -> reused input
-        total: int | None = None
+        chunk_bufs: dict[tuple[int, int], np.ndarray] = {}  # (batch, length) -> reused input
+        n: int | None = None  # input length, once decoded to the end
         lane_out: list[list[torch.Tensor]] = [[] for _ in self.lanes]  # input coordinates
         lane_pos = [0] * len(self.lanes)  # input samples each lane has delivered
         combined_pos = 0
 
-        def total_chunks() -> int:
-            seen = ring.end
-            n = total if total is not None else max(expected_samples or 0, seen)
-            return sum(lane.chunks_total(n) for lane in self.lanes)
-
         while True:
             if should_stop is not None and should_stop():
                 raise Cancelled("the job was cancelled")
-            available = ring.end
-            batch = self._next_batch(total, available)
-            if batch is None:
-                if total is None:
+            picked = self._next_batch(n, ring.end)
+            if picked is None:
+                if n is None:
                     block = next(source, None)
                     if block is None:
-                        total = available
+                        n = ring.end
                     else:
                         if block.shape[0] != channels:
                             raise ValueError(f"expected {channels} channels, got {block.shape[0]}")
@@ -232,105 +242,71 @@ class Separator:
                         del block  # see _InputRing: nothing but the rings outlives a chunk
                     continue
                 break  # every lane is done
-            lane_idx, windows = batch
+            lane_idx, windows = picked
             lane = self.lanes[lane_idx]
-            valid = windows[0][1]
-            xbuf = chunk_bufs.get((len(windows), valid))
-            if xbuf is None:
-                xbuf = chunk_bufs[(len(windows), valid)] = np.empty(
-                    (len(windows), channels, valid), np.float32)
-            for row, (start, _, _) in zip(xbuf, windows, strict=True):
-                ring.read_into(row, start - lane.prefix)  # zeros outside the track
-            x = torch.from_numpy(xbuf)
+            x = torch.from_numpy(self._gather(ring, lane, windows, chunk_bufs))
             out = self._forward(lane.member, x)
-            for (_, valid, chunk), y in zip(windows, out, strict=True):
-                trim = (valid - chunk) // 2
-                self._accumulate(lane, y[..., trim:trim + chunk], chunk)
-                lane.offset += lane.stride
-                lane.chunks_done += 1
+            for w, y in zip(windows, out, strict=True):
+                lane.accumulate(w, y)
             del out, x, y
-            finished = self._finish(lane, total)
+            total, available = self._lane_extent(lane, n, ring.end)
+            finished = lane.finish(total, available, n)
             if finished is not None:
                 lane_out[lane_idx].append(finished)
                 lane_pos[lane_idx] += finished.shape[-1]
                 del finished
             if progress is not None:
-                progress(sum(la.chunks_done for la in self.lanes), total_chunks())
+                seen = n if n is not None else max(expected_samples or 0, ring.end)
+                progress(sum(la.k for la in self.lanes),
+                         sum(la.chunks_total(seen) for la in self.lanes))
             # Combine what every lane has finished, and drop input no lane needs any more.
             ready = min(lane_pos)
             if ready > combined_pos:
                 yield self._combine(lane_out, ready - combined_pos)
                 combined_pos = ready
-            ring.drop_before(min(la.offset - la.valid_full - la.prefix for la in self.lanes))
+            ring.drop_before(min(la.read_floor(*self._lane_extent(la, n, ring.end))
+                                 for la in self.lanes))
 
     # -- internals ----------------------------------------------------------------------------
-    def _next_batch(
-        self, total: int | None, available: int
-    ) -> tuple[int, list[tuple[int, int, int]]] | None:
-        """The lane furthest behind that can run, with up to batch_size of its chunks."""
+    @staticmethod
+    def _lane_extent(lane: _Lane, n: int | None, decoded: int) -> tuple[int | None, int]:
+        """(lane total once the input length is known, lane positions decoded so far)."""
+        return (None if n is None else lane.rule.lane_total(n)), decoded + lane.prefix
+
+    def _next_batch(self, n: int | None, decoded: int) -> tuple[int, list[Window]] | None:
+        """The lane furthest behind that can run, with up to batch_size of its windows."""
+        extents = [self._lane_extent(la, n, decoded) for la in self.lanes]
         order = sorted(
             (i for i, la in enumerate(self.lanes) if not la.done),
-            key=lambda i: self.lanes[i].offset - self.lanes[i].prefix,
+            key=lambda i: self.lanes[i].rule.safe_end(self.lanes[i].k, *extents[i])
+            - self.lanes[i].prefix,
         )
         for i in order:
-            lane = self.lanes[i]
-            first = lane.window(total, available)
-            if first is None:
-                continue
-            windows = [first]
-            saved = lane.offset
-            while len(windows) < self.opts.batch_size:
-                lane.offset += lane.stride
-                nxt = lane.window(total, available)
-                if nxt is None or nxt[1] != first[1]:
-                    break
-                windows.append(nxt)
-            lane.offset = saved
-            return i, windows
+            windows = self.lanes[i].next_windows(*extents[i], self.opts.batch_size)
+            if windows is not None:
+                return i, windows
         return None
+
+    @staticmethod
+    def _gather(ring: _InputRing, lane: _Lane, windows: list[Window],
+                bufs: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+        """The windows' input (zeros outside the track) in a buffer reused chunk after chunk."""
+        length = windows[0].read_len
+        buf = bufs.get((len(windows), length))
+        if buf is None:
+            buf = bufs[(len(windows), length)] = np.empty(
+                (len(windows), ring.buf.shape[0], length), np.float32)
+        for row, w in zip(buf, windows, strict=True):
+            ring.read_into(row, w.read_start - lane.prefix)
+        return buf
 
     def _forward(self, member: Member, x: torch.Tensor) -> torch.Tensor:
         device = self.model.device
         dtype = self.opts.autocast_dtype or self.model.autocast_dtype
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(fastpath and not self.opts.sdpa_attention)
-        try:
-            with torch.inference_mode(), autocast:
-                y = member.forward(x.to(device))
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        with torch.inference_mode(), autocast:
+            y = member.forward(x.to(device))
         return y.float().cpu()
-
-    @staticmethod
-    def _accumulate(lane: _Lane, y: torch.Tensor, chunk: int) -> None:
-        if lane.acc is None:
-            lane.acc = torch.zeros(*y.shape[:-1], lane.capacity)
-            lane.sumw = torch.zeros(lane.capacity)
-        assert lane.sumw is not None and lane.offset + chunk - lane.emitted <= lane.capacity
-        for lo, hi, off in _spans(lane.offset, lane.offset + chunk, lane.capacity):
-            w = lane.weight[off:off + hi - lo]
-            lane.acc[..., lo:hi] += w * y[..., off:off + hi - lo]
-            lane.sumw[lo:hi] += w
-
-    @staticmethod
-    def _finish(lane: _Lane, total: int | None) -> torch.Tensor | None:
-        """Samples no later chunk can touch, normalised and mapped to input coordinates."""
-        if total is not None and lane.offset >= lane.lane_total(total):
-            end = lane.lane_total(total)
-            lane.done = True
-        else:
-            end = lane.offset  # the next chunk starts here
-        if end <= lane.emitted or lane.acc is None or lane.sumw is None:
-            return None
-        out = torch.empty(*lane.acc.shape[:-1], end - lane.emitted)
-        for lo, hi, off in _spans(lane.emitted, end, lane.capacity):
-            torch.div(lane.acc[..., lo:hi], lane.sumw[lo:hi], out=out[..., off:off + hi - lo])
-            lane.acc[..., lo:hi] = 0  # the slots are reused for later positions
-            lane.sumw[lo:hi] = 0
-        skip = max(0, lane.prefix - lane.emitted)  # shift trick: drop the zero prefix
-        lane.emitted = end
-        return out[..., skip:] if skip < out.shape[-1] else None
 
     def _combine(self, lane_out: list[list[torch.Tensor]], n: int) -> np.ndarray:
         mix: torch.Tensor | None = None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from handler.core.chunking import ChunkRule, ChunkSettings, DemucsChunking
+
 VOCALS = "vocals"
 INSTRUMENTAL = "instrumental"
 
@@ -33,6 +35,7 @@ class Member:
     valid_length: input length the network wants for a chunk of ``n`` real samples; the chunk
         is centred in that window with the neighbouring audio (as demucs's ``TensorChunk.padded``).
     weights: per-source weight of this member in the bag (demucs bag semantics).
+    chunker: the family's chunking rule for a job's settings (None: demucs's crossfade).
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -42,6 +45,12 @@ class Member:
     module: torch.nn.Module | None = None
     # HTDemucs always runs on its full training window, whatever the chunk's real length.
     pad_to_segment: bool = False
+    chunker: Callable[[Member, ChunkSettings], ChunkRule] | None = None
+
+    def chunking(self, settings: ChunkSettings) -> ChunkRule:
+        if self.chunker is not None:
+            return self.chunker(self, settings)
+        return DemucsChunking(settings, self.valid_length, self.pad_to_segment)
 
 
 @dataclass
