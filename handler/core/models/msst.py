@@ -271,7 +271,5 @@ def member_for(net: torch.nn.Module, spec: MsstSpec) -> Member:
             y = torch.cat([y[:, :1], x.unsqueeze(1).to(y.dtype) - y[:, :1]], dim=1)
         return y
 
-    member = Member(forward=forward, segment_length=spec.chunk, valid_length=lambda n: n,
-                    weights=[1.0] * len(spec.sources), module=net)
-    member.chunker = chunker_for(spec)  # type: ignore[attr-defined]
-    return member
+    return Member(forward=forward, segment_length=spec.chunk, valid_length=lambda n: n,
+                  weights=[1.0] * len(spec.sources), module=net, chunker=chunker_for(spec))

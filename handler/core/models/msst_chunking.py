@@ -95,6 +95,9 @@ class RoformerRule:
             return max(0, total - self.chunk)
         return total
 
+    def read_floor(self, k: int, total: int | None, available: int) -> int:
+        return self.safe_end(k, total, available)  # chunks read exactly where they write
+
 
 @dataclass
 class PaddedSumRule:
@@ -136,6 +139,9 @@ class PaddedSumRule:
     def safe_end(self, k: int, total: int | None, available: int) -> int:
         if total is not None and k >= self.chunks_total(total):
             return total
+        return k * self.hop
+
+    def read_floor(self, k: int, total: int | None, available: int) -> int:
         return k * self.hop
 
 
