@@ -169,6 +169,24 @@ def oracle_network(ckpt: Path, cfg_path: Path) -> tuple[torch.nn.Module, dict]:
     return net.eval(), model_data
 
 
+def oracle_meta_network(cfg: dict) -> torch.nn.Module:
+    """audio-separator's class for a config, built as its loader builds it (call it under
+    ``torch.device('meta')`` for full-size configs)."""
+    _oracle_package()
+    from ml_collections import ConfigDict
+
+    if "num_bands" in cfg["model"] or "freqs_per_bands" in cfg["model"]:
+        from audio_separator.separator.roformer.roformer_loader import RoformerLoader
+
+        loader = RoformerLoader()
+        make = (loader._create_mel_band_roformer if "num_bands" in cfg["model"]
+                else loader._create_bs_roformer)
+        return make(dict(cfg["model"]))
+    from audio_separator.separator.uvr_lib_v5.tfc_tdf_v3 import TFC_TDF_net
+
+    return TFC_TDF_net(ConfigDict(cfg), device=torch.device("meta"))
+
+
 def oracle_demix(ckpt: Path, cfg_path: Path, mix: np.ndarray, **arch: Any) -> dict[str, np.ndarray]:
     """``MDXCSeparator.demix`` on a separator built without its download front end."""
     _oracle_package()
