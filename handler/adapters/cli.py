@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="mp3")
     p.add_argument("--mp3-bitrate", type=int, default=192)
     p.add_argument("--channels", type=int, choices=(1, 2), default=1)
-    p.add_argument("--shifts", type=int, default=1, help="demucs shift trick (0 = off)")
+    p.add_argument("--shifts", type=int, default=None,
+                   help="demucs shift trick (0 = off; default: the model's, 1 for demucs)")
+    p.add_argument("--num-overlap", type=int, default=None,
+                   help="MSST models: chunks covering each sample (default: the model's YAML)")
     p.add_argument("--overlap", type=float, default=None,
                    help="chunk overlap (default: the model's, 0.25 for demucs)")
     p.add_argument("--segment", type=float, default=None, help="chunk length in seconds")
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             channels=args.channels,
             shifts=args.shifts,
             overlap=args.overlap,
+            num_overlap=args.num_overlap,
             segment=args.segment,
             interval_cut=parse_cuts(args.interval_cut),
             seed=args.seed,

@@ -26,10 +26,11 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 def job_input(req: SeparationRequest) -> dict[str, Any]:
     out: dict[str, Any] = {
         "stems": req.stems, "output_format": req.output_format, "mp3_bitrate": req.mp3_bitrate,
-        "channels": req.channels, "shifts": req.shifts, "seed": req.seed,
+        "channels": req.channels, "seed": req.seed,
     }
-    if req.overlap is not None:
-        out["overlap"] = req.overlap
+    for key in ("shifts", "overlap", "num_overlap"):  # None: the worker's model default
+        if getattr(req, key) is not None:
+            out[key] = getattr(req, key)
     if req.model:
         out["model"] = req.model
     if req.segment is not None:

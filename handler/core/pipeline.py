@@ -39,8 +39,9 @@ class SeparationRequest:
     output_format: str = "mp3"
     mp3_bitrate: int = 192
     channels: int = 1
-    shifts: int = 1
+    shifts: int | None = None  # None: the model's default (demucs 1, MSST 0)
     overlap: float | None = None  # None: the model's default (demucs: 0.25)
+    num_overlap: int | None = None  # MSST families only: None = the model's YAML
     segment: float | None = None
     interval_cut: list[float] = field(default_factory=list)  # seconds: one file per interval
     seed: int = 0
@@ -103,8 +104,10 @@ def validate(req: SeparationRequest, model: LoadedModel) -> None:
         raise InvalidInput(f"mp3_bitrate must be one of {MP3_BITRATES}")
     if req.channels not in (1, 2):
         raise InvalidInput("channels must be 1 or 2")
-    if not 0 <= req.shifts <= 20:
+    if req.shifts is not None and not 0 <= req.shifts <= 20:
         raise InvalidInput("shifts must be between 0 and 20")
+    if req.num_overlap is not None and not 1 <= req.num_overlap <= 64:
+        raise InvalidInput("num_overlap must be between 1 and 64")
     if req.overlap is not None and not 0 <= req.overlap <= 0.95:
         raise InvalidInput("overlap must be between 0 and 0.95")
     if req.segment is not None:
@@ -205,7 +208,8 @@ def separate_file(
     matrix = _stem_matrix(model, stems)
 
     opts = EngineOptions(
-        shifts=req.shifts, segment=req.segment, seed=req.seed,
+        shifts=model.default_shifts if req.shifts is None else req.shifts,
+        segment=req.segment, seed=req.seed, num_overlap=req.num_overlap,
         overlap=model.default_overlap if req.overlap is None else req.overlap,
         batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
     )

@@ -48,8 +48,9 @@ class JobInput(BaseModel):
     output_format: Literal["mp3", "wav", "flac"] = "mp3"
     mp3_bitrate: int = 192
     channels: Literal[1, 2] = 1
-    shifts: Annotated[int, Field(ge=0, le=20)] = 1
+    shifts: Annotated[int, Field(ge=0, le=20)] | None = None  # None: model default
     overlap: Annotated[float, Field(ge=0.0, le=0.95)] | None = None  # None: model default
+    num_overlap: Annotated[int, Field(ge=1, le=64)] | None = None  # MSST: None = the YAML's
     segment: Annotated[float, Field(gt=0.5, le=60.0)] | None = None
     interval_cut: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
     seed: int = 0
@@ -109,6 +110,7 @@ class JobInput(BaseModel):
             channels=self.channels,
             shifts=self.shifts,
             overlap=self.overlap,
+            num_overlap=self.num_overlap,
             segment=self.segment,
             interval_cut=list(self.interval_cut),
             seed=self.seed,

@@ -253,6 +253,7 @@ def load_msst(name: str, device: torch.device) -> LoadedModel:
     return LoadedModel(
         name=name, sources=list(spec.sources), samplerate=spec.samplerate,
         audio_channels=spec.audio_channels, members=[member_for(net, spec)], device=device,
+        default_shifts=0,  # the reference runs no shift trick
     )
 
 

@@ -7,11 +7,21 @@ matrix products follow the autocast dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off for one region (float32 maths); a no-op where autocast does not exist
+    (the meta device, used to count FLOPs)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -54,7 +64,7 @@ class Rotary(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (..., n, d) -> t rotated by position along n; float32 arithmetic."""
         dtype = t.dtype
-        with torch.autocast(t.device.type, enabled=False):
+        with no_autocast(t.device):
             cos, sin = self._cos_sin(t.shape[-2], t.device)
             pairs = t.unflatten(-1, (-1, 2))
             half = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)

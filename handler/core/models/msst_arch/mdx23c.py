@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from handler.core.models.msst_arch.layers import no_autocast
+
 
 def _norm(kind: str | None) -> Callable[[int], nn.Module]:
     def make(c: int) -> nn.Module:
@@ -116,7 +118,7 @@ class TFC_TDF_net(nn.Module):  # noqa: N801
     def stft(self, x: torch.Tensor) -> torch.Tensor:
         """(b, c, t) -> (b, c*2, dim_f, frames): real and imaginary parts as channels."""
         b, c, t = x.shape
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             spec = torch.stft(x.float().reshape(b * c, t), self.n_fft, self.hop_length,
                               window=self._win(x.device), center=True, return_complex=True)
         spec = torch.view_as_real(spec).permute(0, 3, 1, 2)  # (b c) 2 f frames
@@ -129,15 +131,18 @@ class TFC_TDF_net(nn.Module):  # noqa: N801
         n = self.n_fft // 2 + 1
         x = torch.cat([x.float(), x.new_zeros(*batch, c2, n - f, t, dtype=torch.float32)], -2)
         x = x.reshape(-1, 2, n, t).permute(0, 2, 3, 1).contiguous()
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device):
             audio = torch.istft(torch.view_as_complex(x), self.n_fft, self.hop_length,
                                 window=self._win(x.device), center=True)
         return audio.reshape(*batch, c2 // 2, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(b, c, t) -> (b, stems, c, t)."""
+        return self.istft(self.core(self.stft(x)))
+
+    def core(self, spec: torch.Tensor) -> torch.Tensor:
+        """(b, c*2, dim_f, frames) -> (b, stems, c*2, dim_f, frames): the U-Net on spectra."""
         k = self.num_subbands
-        spec = self.stft(x)
         b, c, f, t = spec.shape
         mix = spec = spec.reshape(b, c * k, f // k, t)
         first = y = self.first_conv(spec)
@@ -154,6 +159,5 @@ class TFC_TDF_net(nn.Module):  # noqa: N801
         y = y.transpose(-1, -2) * first
         y = self.final_conv(torch.cat([mix, y], 1))
         b, c, f, t = y.shape
-        y = y.reshape(b, c // k, f * k, t).reshape(b, self.num_target_instruments, -1, f * k, t)
-        return self.istft(y)
+        return y.reshape(b, c // k, f * k, t).reshape(b, self.num_target_instruments, -1, f * k, t)
 

@@ -18,6 +18,7 @@ from handler.core.models.msst_arch.layers import (
     RMSNorm,
     Rotary,
     Transformer,
+    no_autocast,
 )
 
 # Keywords that only matter for training (or for other forks) and leave inference unchanged.
@@ -65,7 +66,7 @@ class _SpectralRoformer(nn.Module):
     def stft(self, audio: torch.Tensor) -> torch.Tensor:
         """(b, s, t) -> (b, f*s, frames, 2) float32, channels interleaved per frequency."""
         b, s, t = audio.shape
-        with torch.autocast(audio.device.type, enabled=False):
+        with no_autocast(audio.device):
             spec = torch.stft(audio.float().reshape(b * s, t), self.n_fft, self.hop_length,
                               self.win_length, self.window(audio.device),
                               normalized=self.stft_normalized, return_complex=True)
@@ -79,7 +80,7 @@ class _SpectralRoformer(nn.Module):
         s = self.audio_channels
         spec = spec.view(b, n, fs // s, s, frames).transpose(2, 3)
         spec = spec.reshape(b * n * s, fs // s, frames)
-        with torch.autocast(spec.device.type, enabled=False):
+        with no_autocast(spec.device):
             audio = torch.istft(spec, self.n_fft, self.hop_length, self.win_length,
                                 self.window(spec.device), normalized=self.stft_normalized,
                                 length=length)
@@ -140,9 +141,12 @@ class BSRoformer(_SpectralRoformer):
         spec = self.stft(audio)  # b F frames 2
         b, fs, frames, _ = spec.shape
         x = spec.transpose(1, 2).reshape(b, frames, fs * 2)
-        x = self.final_norm(self.axial(self.band_split(x)))
         mix = torch.view_as_complex(spec.contiguous()).unsqueeze(1)
-        return self.istft(mix * self.masks(x, self.mask_estimators))
+        return self.istft(mix * self.core(x))
+
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, frames, F*2) spectral features -> complex masks (b, stems, F, frames)."""
+        return self.masks(self.final_norm(self.axial(self.band_split(x))), self.mask_estimators)
 
 
 def mel_band_membership(sample_rate: int, n_fft: int, num_bands: int) -> np.ndarray:
@@ -213,13 +217,16 @@ class MelBandRoformer(_SpectralRoformer):
             MaskEstimator(dim, dims, mask_estimator_depth, mlp_expansion_factor)
             for _ in range(num_stems))
 
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, frames, F'*2) band-gathered features -> complex masks (b, stems, F', frames)."""
+        return self.masks(self.axial(self.band_split(x)), self.mask_estimators)
+
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         """(b, s, t) -> (b, stems, s, t') (t' = t when match_input_audio_length)."""
         spec = self.stft(audio)  # b F frames 2
         b, fs, frames, _ = spec.shape
         x = spec[:, self.freq_indices].transpose(1, 2).reshape(b, frames, -1)
-        x = self.axial(self.band_split(x))
-        masks = self.masks(x, self.mask_estimators)  # b n F' t, F' with overlaps
+        masks = self.core(x)  # b n F' t, F' with overlaps
         summed = masks.new_zeros(b, masks.shape[1], fs, frames)
         summed.index_add_(2, self.freq_indices, masks)
         averaged = summed / self.bands_per_freq.clamp(min=1e-8)[:, None]
