@@ -28,7 +28,7 @@ def _models_dir(tmp_path, monkeypatch):
 
 
 def _tiny(base: dict, arch: str) -> dict:
-    return ms.small(base, arch, dim_t=11, num_overlap=2)
+    return ms.small(base, arch, dim_t=12, num_overlap=2)
 
 
 # -- full size, no memory -----------------------------------------------------------------------
@@ -236,3 +236,20 @@ def test_mdx23c_padding_equals_audio_separator():
             padded = n + pad + 2 * (chunk - hop)
             assert rule.prefix == chunk - hop and rule.lane_total(n) == padded
             assert rule.chunks_total(padded) == (padded - chunk) // hop + 1
+
+
+@pytest.mark.parametrize("base,arch", [(ms.BS_1297, "bs"), (ms.KIM_MEL, "mel"),
+                                       (ms.MDX23C_INSTVOC, "mdx23c")])
+def test_half_precision_path_keeps_spectra_in_float32(tmp_path, base, arch):
+    """Autocast (bf16 here; fp16 on a GPU): STFT/iSTFT, norms and rotary angles stay float32,
+    the output is float32 and close to the float32 run (the GPU speed is measured by
+    bench/msst_gpu.py)."""
+    ms.write_pair(tmp_path, arch, _tiny(base, arch), seed=2)
+    net, spec = msst.load_network(tmp_path / f"{arch}.ckpt", tmp_path / f"{arch}.yaml")
+    x = torch.from_numpy(ms.stereo_noise(spec.chunk / 44100 + 0.01, seed=3))[None, :, :spec.chunk]
+    with torch.inference_mode():
+        full = net(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = net(x)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert ms.snr_db(full.numpy(), half.numpy()) > 15

@@ -211,7 +211,8 @@ def separate_file(
         shifts=model.default_shifts if req.shifts is None else req.shifts,
         segment=req.segment, seed=req.seed, num_overlap=req.num_overlap,
         overlap=model.default_overlap if req.overlap is None else req.overlap,
-        batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
+        batch_size=config.env_int("BATCH_SIZE", model.default_batch_size
+                                  or (4 if model.device.type == "cuda" else 1)),
     )
     stats = DecodeStats()
     max_samples = int(limit * rate) + rate  # the container may under-report its duration

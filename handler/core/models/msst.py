@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 import yaml
 
+from handler import config
 from handler.config import models_dir
-from handler.core.models.base import LoadedModel, Member
+from handler.core.models.base import PRECISIONS, LoadedModel, Member
 from handler.errors import InvalidInput, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,9 @@ def spec_of(cfg: dict[str, Any], arch: str) -> MsstSpec:
     if hop <= 0 or dim_t < 2 or num_overlap < 1 or hop * (dim_t - 1) < num_overlap:
         raise ModelUnavailable(f"config gives no usable chunk (hop {hop}, inference.dim_t {dim_t},"
                                f" num_overlap {num_overlap})")
+    if dim_t % time_multiple:
+        raise ModelUnavailable(f"inference.dim_t {dim_t} must be a multiple of {time_multiple} "
+                               "(the U-Net halves the frames num_scales times)")
     return MsstSpec(arch, sources, target, sr, channels, hop, dim_t, num_overlap, time_multiple)
 
 
@@ -250,11 +255,37 @@ def load_msst(name: str, device: torch.device) -> LoadedModel:
             f"model {name!r} needs {ckpt.name} and {cfg_path.name} in MODELS_DIR")
     net, spec = load_network(ckpt, cfg_path)
     net.to(device)
-    return LoadedModel(
+    model = LoadedModel(
         name=name, sources=list(spec.sources), samplerate=spec.samplerate,
         audio_channels=spec.audio_channels, members=[member_for(net, spec)], device=device,
         default_shifts=0,  # the reference runs no shift trick
     )
+    if device.type == "cuda":
+        model.default_batch_size = fit_batch(model, PRECISIONS.get(config.precision()))
+    return model
+
+
+def fit_batch(model: LoadedModel, dtype: torch.dtype | None, share: float = 0.5,
+              cap: int = 16) -> int:
+    """Chunks per forward pass that fit in ``share`` of the GPU's free memory: one chunk is
+    run (which also warms the kernels up) and its peak allocation measured."""
+    device = model.device
+    member = model.members[0]
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros(1, model.audio_channels, member.segment_length, device=device)
+    autocast = torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+    with torch.inference_mode(), autocast:
+        member.forward(x)
+    per_chunk = max(1, torch.cuda.max_memory_allocated(device) - base)
+    del x
+    torch.cuda.empty_cache()
+    batch = max(1, min(cap, int(free * share // per_chunk)))
+    log.info("%s: %.2f GiB per chunk on the GPU, %.1f GiB free: batches of %d", model.name,
+             per_chunk / 2**30, free / 2**30, batch)
+    return batch
 
 
 def member_for(net: torch.nn.Module, spec: MsstSpec) -> Member:

@@ -152,7 +152,7 @@ def _chunk_for(spec: MsstSpec, segment: int | None) -> int:
         return spec.chunk
     if spec.time_multiple > 1:
         frames = max(1, round((segment / spec.hop + 1) / spec.time_multiple)) * spec.time_multiple
-        return spec.hop * (frames - 1) if frames > 1 else spec.hop * (spec.time_multiple * 2 - 1)
+        return spec.hop * (frames - 1)
     return max(1, round(segment / spec.hop)) * spec.hop
 
 

@@ -10,14 +10,37 @@ from torch import nn
 from handler.core.models.msst_arch.layers import no_autocast
 
 
+class _Fp32Norm:
+    """Normalisation statistics in float32 under autocast (half-precision variances of a
+    U-Net's activations overflow or lose the small ones); the parameters are the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)  # type: ignore[misc]
+        with no_autocast(x.device):
+            return super().forward(x.float()).to(x.dtype)  # type: ignore[misc]
+
+
+class _InstanceNorm(_Fp32Norm, nn.InstanceNorm2d):
+    pass
+
+
+class _GroupNorm(_Fp32Norm, nn.GroupNorm):
+    pass
+
+
+class _BatchNorm(_Fp32Norm, nn.BatchNorm2d):
+    pass
+
+
 def _norm(kind: str | None) -> Callable[[int], nn.Module]:
     def make(c: int) -> nn.Module:
         if kind == "BatchNorm":
-            return nn.BatchNorm2d(c)
+            return _BatchNorm(c)
         if kind == "InstanceNorm":
-            return nn.InstanceNorm2d(c, affine=True)
+            return _InstanceNorm(c, affine=True)
         if kind and "GroupNorm" in kind:
-            return nn.GroupNorm(num_groups=int(kind.replace("GroupNorm", "")), num_channels=c)
+            return _GroupNorm(num_groups=int(kind.replace("GroupNorm", "")), num_channels=c)
         return nn.Identity()
     return make
 
