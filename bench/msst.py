@@ -14,7 +14,7 @@ Printed per family:
 
 The speed rows default to short chunks (``--chunk-seconds``) and few overlaps so that a
 full-size RoFormer finishes on 2 cores; cost per pass is linear in audio length apart from the
-time-attention term. Weights are random (``tests/msst_support.random_state``, seeded, the same
+time-attention term. Weights are random (``devtools/msst.random_state``, seeded, the same
 in both processes): speed does not depend on their values. Run it alone:
 ``flock /tmp/heavy.lock python bench/msst.py``.
 """
@@ -35,13 +35,13 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 SR = 44100
 
 
 def configs() -> dict[str, dict]:
-    import msst_support as ms
+    from devtools import msst as ms
 
     return {"bs": ms.BS_1297, "mel": ms.KIM_MEL, "mdx23c": ms.MDX23C_INSTVOC}
 
@@ -110,10 +110,10 @@ def flops(family: str) -> dict:
 
 # -- children ---------------------------------------------------------------------------------
 def _child(mode: str, family: str, cfg: dict, seconds: float, out: str, seed: int) -> dict:
-    import msst_support as ms
     import numpy as np
     import torch
 
+    from devtools import msst as ms
     from handler.core.models import msst
 
     warnings.simplefilter("ignore")
@@ -152,10 +152,10 @@ def _child(mode: str, family: str, cfg: dict, seconds: float, out: str, seed: in
 
 def _rss_child(seconds: float) -> dict:
     """Peak RSS of our streamed engine on a long input (tiny Mel, Kim's 60-band layout)."""
-    import msst_support as ms
     import numpy as np
     import torch
 
+    from devtools import msst as ms
     from handler.core.engine import EngineOptions, Separator
     from handler.core.models import msst
     from handler.core.models.base import LoadedModel
@@ -203,8 +203,9 @@ def main() -> int:
         res = _rss_child(*args[1:]) if args[0] == "rss" else _child(*args)
         print(json.dumps(res))
         return 0
-    import msst_support as ms
     import numpy as np
+
+    from devtools import msst as ms
 
     print(json.dumps({"cpu": cpu_info()}))
     for family in a.families.split(","):

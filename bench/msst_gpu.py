@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 
 def main() -> int:
@@ -43,10 +43,10 @@ def main() -> int:
     a = p.parse_args()
     warnings.simplefilter("ignore")
 
-    import msst_support as ms
     import soundfile as sf
     import torch
 
+    from devtools import msst as ms
     from handler.core.models import base, msst
     from handler.core.pipeline import SeparationRequest, separate_file
 

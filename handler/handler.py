@@ -28,8 +28,9 @@ import logging  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 from handler import config  # noqa: E402
+from handler.adapters.interrupt import Interrupted, interruptible  # noqa: E402
 from handler.redact import install_log_redaction, install_stream_redaction  # noqa: E402
-from handler.service.job import run_job  # noqa: E402
+from handler.service.runner import run_job  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -104,16 +105,27 @@ def _local_job(argv: list[str]) -> dict | None:
 
 
 def run_local(job: dict) -> int:
-    """Run one job to completion, printing progress (stderr) and the result (stdout)."""
+    """Run one job to completion, printing progress (stderr) and the result (stdout).
+
+    SIGINT/SIGTERM stop the job, remove its folder (input, partial outputs) and return
+    128 + the signal number with a one-line message.
+    """
     job = dict(job)
     job.setdefault("id", f"local-{int(time.time())}-{os.getpid()}")
     final: dict = {}
-    for item in handler(job):
-        if item.get("status") == "progress":
-            pct = 100 * item["progress"]
-            print(f"[{item['stage']:>8}] {pct:5.1f}%", file=sys.stderr, flush=True)
-        else:
-            final = item
+    try:
+        # closing(): an interrupt between two items still runs the job's cleanup.
+        with interruptible(), contextlib.closing(handler(job)) as items:
+            for item in items:
+                if item.get("status") == "progress":
+                    pct = 100 * item["progress"]
+                    print(f"[{item['stage']:>8}] {pct:5.1f}%", file=sys.stderr, flush=True)
+                else:
+                    final = item
+    except Interrupted as e:
+        print(f"handler: interrupted by {e.name}; the job was stopped and its temporary "
+              "files removed", file=sys.stderr, flush=True)
+        return e.exit_code
     print(json.dumps(final, indent=2))
     return 1 if "error" in final else 0
 

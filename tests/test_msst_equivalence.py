@@ -16,8 +16,7 @@ import torch
 pytest.importorskip("audio_separator")
 pytest.importorskip("rotary_embedding_torch")
 
-import msst_support as ms  # noqa: E402
-
+from devtools import msst as ms  # noqa: E402
 from handler.core.engine import EngineOptions, separate_array  # noqa: E402
 from handler.core.models import msst  # noqa: E402
 

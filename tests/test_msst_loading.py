@@ -7,11 +7,11 @@ import importlib.util
 import os
 import warnings
 
-import msst_support as ms
 import numpy as np
 import pytest
 import torch
 
+from devtools import msst as ms
 from handler.core.models import get_model, msst, unload_all
 from handler.core.models.msst_chunking import PaddedSumRule, RoformerRule, hamming
 from handler.errors import InvalidInput, ModelUnavailable

@@ -18,23 +18,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from handler import config
+from handler.adapters.interrupt import Interrupted, interruptible
 from handler.adapters.progress_file import ProgressFile
-from handler.core.encode import FORMATS
-from handler.core.pipeline import ALL_STEMS, SeparationRequest, separate_file
+from handler.core.pipeline import separate_file
+from handler.core.request import ALL_STEMS, SeparationRequest, cli_options, parse_cli_request
 from handler.errors import InvalidInput, WorkerError, as_worker_error
 
 log = logging.getLogger("demucs-separate")
-
-
-def parse_cuts(text: str | None) -> list[float]:
-    if not text:
-        return []
-    try:
-        return [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        msg = f"--interval-cut must be comma-separated seconds, got {text!r}"
-        raise InvalidInput(msg) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,64 +34,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--input", "-i", required=True, help="audio file path or http(s) URL")
     p.add_argument("--output", "-o", required=True, type=Path, help="output directory")
-    p.add_argument("--model", "-n", default=None,
-                   help=f"model name (default: $DEFAULT_MODEL = {config.default_model()})")
     stems = p.add_mutually_exclusive_group()
-    stems.add_argument("--stems", default="instrumental",
-                       help="comma-separated stems: instrumental, vocals, drums, bass, other, ...")
+    for name, flags, kwargs in cli_options():  # every separation option, from the request
+        (stems if name == "stems" else p).add_argument(*flags, **kwargs)
     stems.add_argument("--all-stems", action="store_true", help="write every stem")
-    p.add_argument("--format", choices=FORMATS, default="mp3")
-    p.add_argument("--mp3-bitrate", type=int, default=192)
-    p.add_argument("--channels", type=int, choices=(1, 2), default=1)
-    p.add_argument("--shifts", type=int, default=None,
-                   help="demucs shift trick (0 = off; default: the model's, 1 for demucs)")
-    p.add_argument("--num-overlap", type=int, default=None,
-                   help="MSST models: chunks covering each sample (default: the model's YAML)")
-    p.add_argument("--overlap", type=float, default=None,
-                   help="chunk overlap (default: the model's, 0.25 for demucs)")
-    p.add_argument("--segment", type=float, default=None, help="chunk length in seconds")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shift offsets")
-    p.add_argument("--interval-cut", default=None,
-                   help='cut points in seconds, e.g. "300,600,900": one output file per interval')
     p.add_argument("--progress-file", type=Path, default=None,
                    help="keep a progress JSON (predecessor format) at this path")
     p.add_argument("--endpoint", default=None,
-                   help="run on a RunPod endpoint with this ID instead of locally")
+                   help="run on a RunPod endpoint with this ID, or on a self-hosted server "
+                   "at this base URL (http://host:port), instead of locally")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging, tracebacks")
     return p
 
 
+def request_from_args(args: argparse.Namespace) -> SeparationRequest:
+    """The request the command line asks for: options left out keep the request's defaults."""
+    given = {name: getattr(args, name) for name, _, _ in cli_options()
+             if getattr(args, name) is not None}
+    if args.all_stems:
+        given["stems"] = [ALL_STEMS]
+    return parse_cli_request(given)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with interruptible():  # SIGTERM too: cleanup runs, exit 143
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     progress_file = ProgressFile(args.progress_file) if args.progress_file else None
     try:
-        req = SeparationRequest(
-            model=args.model,
-            stems=[ALL_STEMS] if args.all_stems else [s.strip() for s in args.stems.split(",")],
-            output_format=args.format,
-            mp3_bitrate=args.mp3_bitrate,
-            channels=args.channels,
-            shifts=args.shifts,
-            overlap=args.overlap,
-            num_overlap=args.num_overlap,
-            segment=args.segment,
-            interval_cut=parse_cuts(args.interval_cut),
-            seed=args.seed,
-        )
+        req = request_from_args(args)
         if args.endpoint:
             from handler.adapters.remote import run_remote
 
             paths = run_remote(args.endpoint, args.input, args.output, req, quiet=args.quiet)
         else:
             paths = run_local(args.input, args.output, req, progress_file, quiet=args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Interrupted: SIGINT or SIGTERM
+        name, code = (e.name, e.exit_code) if isinstance(e, Interrupted) else ("SIGINT", 130)
         if progress_file:
             progress_file.failed("interrupted")
-        print("demucs-separate: interrupted", file=sys.stderr)
-        return 130
+        print(f"demucs-separate: interrupted by {name}; temporary files removed",
+              file=sys.stderr)
+        return code
     except Exception as exc:  # one line, typed, no traceback for expected failures
         err = as_worker_error(exc)
         if not isinstance(exc, WorkerError):

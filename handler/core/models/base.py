@@ -72,6 +72,13 @@ class LoadedModel:
         return PRECISIONS[self.precision]
 
     @property
+    def max_segment(self) -> float | None:
+        """Longest chunk (seconds) every member can run: networks that only run on their
+        training window (HTDemucs) cannot take longer ones."""
+        limits = [m.segment_length / self.samplerate for m in self.members if m.pad_to_segment]
+        return min(limits) if limits else None
+
+    @property
     def stems(self) -> list[str]:
         """Names a caller may ask for: the model's sources plus ``instrumental`` when the model
         has a vocals source (instrumental = the sum of every other source)."""
