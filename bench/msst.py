@@ -117,6 +117,9 @@ def _child(mode: str, family: str, cfg: dict, seconds: float, out: str, seed: in
     from handler.core.models import msst
 
     warnings.simplefilter("ignore")
+    for key in ("freqs_per_bands", "multi_stft_resolutions_window_sizes"):  # JSON made lists
+        if key in cfg["model"]:
+            cfg["model"][key] = tuple(cfg["model"][key])
     root = Path(out).parent
     mix = ms.stereo_noise(seconds, seed=seed)
     if mode == "ours":
