@@ -1,6 +1,7 @@
 """MSST test and bench support: small random-weight checkpoints with the public band layouts,
-written the way the public files are (a ``.ckpt`` state dict + a ``.yaml`` with ``!!python/tuple``), and
-audio-separator 0.47.1's own code as the oracle (test-only, installed ``--no-deps``).
+written the way the public files are (a ``.ckpt`` state dict + a ``.yaml`` with
+``!!python/tuple``), and audio-separator 0.47.1's own code as the oracle (test-only, installed
+``--no-deps``).
 
 The oracle's package ``__init__`` imports its download/ONNX front end (onnxruntime, requests);
 only its model classes and ``MDXCSeparator.demix`` are needed, so the subpackage is registered
