@@ -55,6 +55,9 @@ elif ! have_diffq; then
 fi
 if [ "$extra" = "dev" ]; then
   "${pip[@]}" -r "$here/requirements-dev.txt" -c "$here/constraints.txt"
+  # Test-only oracle of the MSST/MDX families: its model classes and demix, without its
+  # download/ONNX front end and heavy extras (what its code needs is in requirements-dev.txt).
+  "${pip[@]}" --no-deps "audio-separator==0.47.1"
 fi
 python - <<'PY'
 import torch

@@ -54,7 +54,7 @@ def test_defaults_are_written_once() -> None:
     req = from_argv([])
     assert req == SeparationRequest()
     assert (req.stems, req.output_format, req.mp3_bitrate, req.channels, req.shifts) == (
-        ["instrumental"], "mp3", 192, 1, 1)
+        ["instrumental"], "mp3", 192, 1, None)  # shifts: the model's default
     assert parse_job_input({"audio_url": "https://e.com/a"}).request() == req
 
 

@@ -35,6 +35,7 @@ class EngineOptions:
     seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
     shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = the model's own
+    num_overlap: int | None = None  # MSST families: chunks covering a sample; None = the YAML's
 
 
 ProgressFn = Callable[[int, int], None]
@@ -200,7 +201,8 @@ class Separator:
                     if offset is None:
                         offset = rng.randint(0, max_shift)
                     prefix = max_shift - offset
-                settings = ChunkSettings(seg, o.overlap, o.transition_power, prefix, o.batch_size)
+                settings = ChunkSettings(seg, o.overlap, o.transition_power, prefix, o.batch_size,
+                                         o.num_overlap)
                 self.lanes.append(_Lane(member, member.chunking(settings)))
                 coef = [member.weights[k] / totals[k] / max(1, o.shifts) for k in range(nsrc)]
                 self.coefs.append(torch.tensor(coef, dtype=torch.float32).view(nsrc, 1, 1))

@@ -237,9 +237,11 @@ def separate_file(
 def _separator(prepared: Prepared) -> Separator:
     req, model = prepared.request, prepared.model
     return Separator(model, EngineOptions(
-        shifts=req.shifts, segment=req.segment, seed=req.seed,
+        shifts=model.default_shifts if req.shifts is None else req.shifts,
+        segment=req.segment, seed=req.seed, num_overlap=req.num_overlap,
         overlap=model.default_overlap if req.overlap is None else req.overlap,
-        batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
+        batch_size=config.env_int("BATCH_SIZE", model.default_batch_size
+                                  or (4 if model.device.type == "cuda" else 1)),
     ))
 
 
@@ -264,7 +266,8 @@ def _check_work(separator: Separator, req: SeparationRequest, duration_s: float)
     if work > budget:
         raise InvalidInput(
             f"these options would take {work:.0f} s of model work for {duration_s:.1f} s of "
-            f"audio (the limit is {budget:.0f} s): lower shifts ({req.shifts}) or overlap "
+            f"audio (the limit is {budget:.0f} s): lower shifts ({separator.opts.shifts}) "
+            f"or overlap "
             f"({req.overlap if req.overlap is not None else 'model default'}), or raise segment "
             f"({req.segment if req.segment is not None else 'model default'})")
 

@@ -63,12 +63,16 @@ class SeparationRequest(BaseModel):
                              json_schema_extra=_cli("--mp3-bitrate"))
     channels: int = Field(1, description="1 (mono) or 2 (stereo) output",
                           json_schema_extra=_cli("--channels"))
-    shifts: Annotated[int, Field(ge=0, le=20)] = Field(
-        1, description="demucs shift trick: predictions averaged over random offsets (0 = off)",
+    shifts: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="demucs shift trick: predictions averaged over random offsets "
+        "(0 = off; default: the model's, 1 for demucs, 0 for MSST models)",
         json_schema_extra=_cli("--shifts"))
     overlap: Annotated[float, Field(ge=0.0, le=0.95)] | None = Field(
         None, description="fraction of a chunk shared with the next (default: the model's)",
         json_schema_extra=_cli("--overlap"))
+    num_overlap: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        None, description="MSST models: how many chunks cover each sample (default: the "
+        "model's YAML); cost is linear in it", json_schema_extra=_cli("--num-overlap"))
     segment: Annotated[float, Field(gt=0.5, le=60.0)] | None = Field(
         None, description="chunk length in seconds (default: the model's)",
         json_schema_extra=_cli("--segment"))
@@ -106,7 +110,7 @@ class SeparationRequest(BaseModel):
         return value
 
     @field_validator("mp3_bitrate", "channels", "shifts", "seed", "overlap", "segment",
-                     "interval_cut", mode="before")
+                     "interval_cut", "num_overlap", mode="before")
     @classmethod
     def _no_bools(cls, value: Any) -> Any:
         # pydantic reads true as 1; a flag where a number belongs is a caller's mistake.

@@ -47,9 +47,16 @@ def _configure_torch() -> None:
 
 
 def get_model(name: str) -> LoadedModel:
-    """The named model, loaded on first use and cached for the life of the process."""
-    if name not in KNOWN_MODELS:
-        raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
+    """The named model, loaded on first use and cached for the life of the process.
+
+    Besides the built-in names, any ``MODELS_DIR/<name>.ckpt`` + ``<name>.yaml`` pair (an MSST
+    checkpoint: BS/Mel-Band RoFormer, MDX23C) is a model by that name."""
+    from handler.core.models import msst
+
+    is_msst = name not in KNOWN_MODELS and msst.is_msst_name(name)
+    if name not in KNOWN_MODELS and not is_msst:
+        known = ", ".join(KNOWN_MODELS + tuple(msst.available()))
+        raise InvalidInput(f"unknown model {name!r}; known models: {known}")
     with _lock:
         if name in _cache:
             return _cache[name]
@@ -59,7 +66,9 @@ def get_model(name: str) -> LoadedModel:
         _configure_torch()
         device = pick_device()
         started = time.perf_counter()
-        if name in SPLEETER_MODELS:
+        if is_msst:
+            model = msst.load_msst(name, device)
+        elif name in SPLEETER_MODELS:
             from handler.core.models.spleeter import load_spleeter
 
             model = load_spleeter(device)

@@ -62,6 +62,9 @@ class LoadedModel:
     members: list[Member]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     default_overlap: float = 0.25  # demucs's; a job's ``overlap`` overrides it
+    # demucs's shift trick is on by default; families whose reference runs none (MSST) say 0.
+    default_shifts: int = 1
+    default_batch_size: int | None = None  # chunks per forward; None: BATCH_SIZE's default
     precision: str = "fp32"  # one of PRECISIONS (the PRECISION setting)
 
     @property
