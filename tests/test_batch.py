@@ -184,9 +184,15 @@ def test_single_input_layout_all_stems_once_and_24_bit_flac(env, tmp_path: Path,
 
 def test_list_models_names_availability_and_the_bake_command(env, tmp_path, monkeypatch,
                                                              capsys) -> None:
+    from devtools import msst as stand_in
+
     monkeypatch.setenv("MODELS_DIR", str(tmp_path / "models"))
+    stand_in.write_pair(tmp_path / "models", "my_instvoc", stand_in.small(
+        stand_in.MDX23C_INSTVOC, "mdx23c", dim_t=32, num_overlap=2))
     assert main(["--list-models"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    mine = next(line for line in lines if line.split()[0] == "my_instvoc")
+    assert mine.split()[1:] == ["vocals,instrumental", "available:", "baked"]
     spleeter = next(line for line in lines if line.split()[0] == "spleeter_2stems")
     assert "vocals,instrumental" in spleeter and "available" in spleeter
     six = next(line for line in lines if line.split()[0] == "htdemucs_6s")

@@ -146,14 +146,13 @@ def stems_for(req: SeparationRequest, model_stems: list[str] | None) -> list[str
     if not req.all_stems:
         return list(dict.fromkeys(req.stems))
     from handler import config
-    from handler.adapters.models_list import STEMS
+    from handler.adapters.models_list import STEMS, stem_names
 
     sources = STEMS.get(req.model or config.default_model())
     if sources is None:
         raise InvalidInput("--all-stems with --endpoint needs a model whose stems are known "
                            "here; name the stems with --stems")
-    names = ["instrumental" if s == "accompaniment" else s for s in sources]
-    return (["instrumental"] if "vocals" in names and "instrumental" not in names else []) + names
+    return stem_names(sources)
 
 
 @dataclass

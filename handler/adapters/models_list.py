@@ -1,9 +1,11 @@
-"""``demucs-separate --list-models``: every known model, its stems, whether this machine can
-run it now (baked into MODELS_DIR, or shipped in an installed wheel) and the command that
-bakes it into the folder this checkout reads (``config.models_dir()``)."""
+"""``demucs-separate --list-models``: every known model (built in, MSST pairs baked into
+MODELS_DIR, the bake table's names), its stems (``?`` for a table model until it is baked),
+whether this machine can run it now (baked into MODELS_DIR, or shipped in an installed wheel)
+and the command that bakes it into the folder this checkout reads (``config.models_dir()``)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,15 @@ STEMS: dict[str, tuple[str, ...]] = {
     **{name: _DEMUCS4 for name in ("htdemucs", "htdemucs_ft", "hdemucs_mmi", "mdx",
                                    "mdx_extra", "mdx_q", "mdx_extra_q")},
 }
+
+
+def stem_names(sources: tuple[str, ...] | list[str]) -> list[str]:
+    """What ``--all-stems`` writes for these sources (pipeline.prepare's rule): spleeter's
+    accompaniment as instrumental, plus instrumental beside vocals, each once."""
+    names = ["instrumental" if s == "accompaniment" else s for s in sources]
+    if "vocals" in names and "instrumental" not in names:
+        names.insert(0, "instrumental")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -51,14 +62,37 @@ def _where(name: str, repo: Path) -> str:
     return ""
 
 
+def _msst_stems(name: str, repo: Path) -> tuple[str, ...] | None:
+    """An MSST model's sources from its baked YAML, named as the loader names them."""
+    from handler.core.models import msst
+
+    try:
+        cfg = msst.read_config(msst.pair_paths(name, repo)[1])
+        return tuple(msst.spec_of(cfg, msst.architecture(cfg)).sources)
+    except (WorkerError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _table_names() -> list[str]:
+    """Models the bake table (builder/models.json of a checkout) can fetch by name."""
+    table = Path(__file__).resolve().parents[2] / "builder" / "models.json"
+    try:
+        models = json.loads(table.read_text()).get("models", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return sorted(models) if isinstance(models, dict) else []
+
+
 def model_rows() -> list[ModelRow]:
+    from handler.core.models import msst
+
     repo = config.models_dir()
+    baked_msst = msst.available(repo)
+    names = list(dict.fromkeys([*KNOWN_MODELS, *baked_msst, *_table_names()]))
     rows = []
-    for name in KNOWN_MODELS:
-        sources = STEMS.get(name)
-        stems = "?" if sources is None else ",".join(
-            (["instrumental"] if "vocals" in sources and "accompaniment" not in sources
-             else []) + [("instrumental" if s == "accompaniment" else s) for s in sources])
+    for name in names:
+        sources = STEMS.get(name) or (_msst_stems(name, repo) if name in baked_msst else None)
+        stems = "?" if sources is None else ",".join(stem_names(sources))
         rows.append(ModelRow(name, stems, _where(name, repo), bake_command(name)))
     return rows
 
