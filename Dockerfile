@@ -1,5 +1,16 @@
 # GPU worker: CUDA runtime, CUDA build of torch pinned through its index, weights baked.
 #   docker build --build-arg MODELS=htdemucs,htdemucs_ft,spleeter_2stems -t separation-worker:gpu .
+# Builder stage: diffq (mdx_q, mdx_extra_q) is a C extension with no wheel on PyPI; it is
+# compiled here, on the final image's Ubuntu and Python, so no compiler reaches the final image.
+FROM ubuntu:24.04 AS diffq
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY builder/build_diffq.sh builder/build-requirements.txt /build/
+RUN bash /build/build_diffq.sh /wheels
+
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ARG MODELS=htdemucs,spleeter_2stems
@@ -32,7 +43,8 @@ ENV LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
 WORKDIR /app
 
 COPY builder/ builder/
-RUN bash builder/install.sh gpu
+COPY --from=diffq /wheels /tmp/wheels
+RUN DIFFQ_WHEEL_DIR=/tmp/wheels bash builder/install.sh gpu && rm -rf /tmp/wheels
 
 # Separate layer on purpose: weights stay cached while dependencies change.
 # hadolint ignore=DL3059
@@ -44,4 +56,12 @@ COPY test_input.json ./
 RUN DEVICE=cpu python builder/bake_models.py --models "${MODELS}" --dest /models --verify-only
 
 # At start the worker checks CUDA (REQUIRE_CUDA=1) and exits with a clear message if unusable.
-CMD ["python", "-u", "handler/handler.py"]
+# MODE_TO_RUN=http: the self-hosted HTTP service on $PORT (default 8000, data in $DATA_DIR);
+# otherwise (default) the RunPod serverless worker. The HEALTHCHECK probes /ping in http mode
+# and always passes in serverless mode (no server to probe).
+COPY start.sh ./
+ENV DATA_DIR=/data
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-m", "handler.server", "--probe"]
+CMD ["sh", "/app/start.sh"]

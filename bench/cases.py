@@ -14,7 +14,7 @@ from fractions import Fraction
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
@@ -27,7 +27,8 @@ def build_repo(repo: Path) -> Path:
     """Real-size random HTDemucs (as released: bottom_channels 512, segment 7.8 s) and a bag of
     four like htdemucs_ft, in demucs's local-repo format."""
     from demucs.htdemucs import HTDemucs
-    from demucs_repo import save_checkpoint, wake_layer_scales, write_bag
+
+    from devtools.checkpoints import save_checkpoint, wake_layer_scales, write_bag
 
     sigs = []
     for i in range(4):
@@ -104,7 +105,7 @@ def our_job(model: str, audio_url: str, bucket_env: dict) -> dict:
     os.environ.update(bucket_env)
     os.environ["MAX_DOWNLOAD_MB"] = "4096"
     from handler.core.models import get_model
-    from handler.service.job import run_job
+    from handler.service.runner import run_job
 
     get_model(model)  # the worker loads its model at cold start, before taking jobs
     started = time.perf_counter()
@@ -119,14 +120,14 @@ def our_job(model: str, audio_url: str, bucket_env: dict) -> dict:
 def snr(model: str, input: str, ref: str, offsets: list[int]) -> dict:
     import numpy as np
 
+    from devtools.metrics import snr_db
     from handler.core.engine import EngineOptions, separate_array
     from handler.core.models import get_model
 
     reference = np.load(ref)
     ours = separate_array(get_model(model), load_wav(input).numpy(),
                           EngineOptions(shifts=1, overlap=0.25, shift_offsets=offsets))
-    per_stem = [10 * np.log10((r ** 2).sum() / max(((r - o) ** 2).sum(), 1e-30))
-                for r, o in zip(reference, ours, strict=True)]
+    per_stem = [snr_db(r, o) for r, o in zip(reference, ours, strict=True)]
     return {"snr_db": float(min(per_stem)), "per_stem_db": [float(s) for s in per_stem]}
 
 

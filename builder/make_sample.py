@@ -1,6 +1,6 @@
 """Write the bundled sample jobs: ``test_input.json`` and ``.runpod/tests.json``.
 
-Both carry a 4-second synthetic song (``tests/synth.py``) as base64 with ``return_base64``, so
+Both carry a 4-second synthetic song (``devtools/songs.py``) as base64 with ``return_base64``, so
 they run with no network, no bucket and no secrets (RunPod Hub tests, a fresh checkout).
 
     python builder/make_sample.py
@@ -15,12 +15,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
 
 def sample_base64(seconds: float = 4.0) -> str:
-    from synth import make_mixture
-
+    from devtools.songs import make_mixture
     from handler.core.encode import open_writer
 
     mix = make_mixture(seconds, seed=7)["mixture"]

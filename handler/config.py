@@ -51,9 +51,30 @@ def max_duration_s() -> float:
     return env_float("MAX_DURATION_S", 3 * 3600.0)
 
 
+def max_work_ratio() -> float:
+    """A job may cost at most this many seconds of network work per second of input."""
+    return env_float("MAX_WORK_RATIO", 60.0)
+
+
+def min_work_budget_s() -> float:
+    """...and at least this much is always allowed (short clips run on whole windows)."""
+    return env_float("MIN_WORK_BUDGET_S", 600.0)
+
+
 def download_timeout_s() -> float:
     """Per-read timeout: a server that stalls longer than this fails the download."""
     return env_float("DOWNLOAD_TIMEOUT_S", 30.0)
+
+
+def download_deadline_s() -> float:
+    """Whole-download limit (redirects, retries and backoff included); 0 disables it."""
+    return env_float("DOWNLOAD_DEADLINE_S", 900.0)
+
+
+def download_min_rate_kbps() -> float:
+    """Minimum average body rate in KB/s, checked once a body has been arriving for
+    DOWNLOAD_TIMEOUT_S; 0 disables it."""
+    return env_float("DOWNLOAD_MIN_RATE_KBPS", 16.0)
 
 
 def allow_private_urls() -> bool:

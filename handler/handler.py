@@ -1,6 +1,8 @@
 """RunPod serverless entry point: ``python -u handler/handler.py``.
 
     python handler/handler.py --test_input '{"input": {...}}'   # one job, exit 1 on failure
+    python handler/handler.py --test_input_file job.json        # the same, any size
+    python handler/handler.py --input-file song.mp3 [--test_input_file opts.json]
     python handler/handler.py                                   # test_input.json, same
     python handler/handler.py --rp_serve_api                    # the SDK's local HTTP API
 
@@ -28,8 +30,9 @@ import logging  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 
 from handler import config  # noqa: E402
+from handler.adapters.interrupt import Interrupted, interruptible  # noqa: E402
 from handler.redact import install_log_redaction, install_stream_redaction  # noqa: E402
-from handler.service.job import run_job  # noqa: E402
+from handler.service.runner import run_job  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -99,30 +102,69 @@ def prepare_worker():
     return runpod
 
 
+def _arg(argv: list[str], flag: str) -> str | None:
+    if flag not in argv:
+        return None
+    i = argv.index(flag)
+    if i + 1 >= len(argv):
+        raise SystemExit(f"{flag} needs a value")
+    return argv[i + 1]
+
+
 def _local_job(argv: list[str]) -> dict | None:
-    """The job for a local run (``--test_input`` or ./test_input.json), or None."""
-    if "--test_input" in argv:
-        i = argv.index("--test_input")
-        if i + 1 >= len(argv):
-            raise SystemExit("--test_input needs a JSON argument")
-        return json.loads(argv[i + 1])
-    if Path("test_input.json").is_file():
-        return json.loads(Path("test_input.json").read_text())
-    return None
+    """The job for a local run, or None: ``--test_input JSON``, ``--test_input_file PATH``
+    (no command-line length limit), ./test_input.json; ``--input-file AUDIO`` makes a local
+    file the job's audio (copied into the job's folder: no base64 size limit), and outputs
+    go to ``--output-dir`` (default ./out) when no bucket is configured."""
+    from handler.service.destinations import LocalResults
+    from handler.service.flow import LocalInput
+
+    text, path, audio = (_arg(argv, f) for f in ("--test_input", "--test_input_file",
+                                                  "--input-file"))
+    if text is not None:
+        job = json.loads(text)
+    elif path is not None:
+        job = json.loads(Path(path).read_text())
+    elif audio is not None:
+        job = {"input": {}}
+    elif Path("test_input.json").is_file():
+        job = json.loads(Path("test_input.json").read_text())
+    else:
+        return None
+    if not isinstance(job, dict):
+        raise SystemExit("the job must be a JSON object: {\"input\": {...}}")
+    if audio is not None:
+        if not Path(audio).is_file():
+            raise SystemExit(f"--input-file: no such file: {audio}")
+        job["local_input"] = LocalInput(Path(audio).resolve())
+    out = Path(_arg(argv, "--output-dir") or "out")
+    job["local_results"] = LocalResults(out, out.resolve().as_uri(), file_urls=True)
+    return job
 
 
 def run_local(job: dict) -> int:
-    """Run one job to completion, printing progress (stderr) and the result (stdout)."""
+    """Run one job to completion, printing progress (stderr) and the result (stdout).
+
+    SIGINT/SIGTERM stop the job, remove its folder (input, partial outputs) and return
+    128 + the signal number with a one-line message.
+    """
     job = dict(job)
     job.setdefault("id", f"local-{int(time.time())}-{os.getpid()}")
     final: dict = {}
-    for item in handler(job):
-        if item.get("status") == "progress":
-            pct = 100 * item["progress"]
-            print(f"[{item['stage']:>8}] {pct:5.1f}%", file=sys.stderr, flush=True)
-        else:
-            final = item
-    print(json.dumps(final, indent=2))
+    try:
+        # closing(): an interrupt between two items still runs the job's cleanup.
+        with interruptible(), contextlib.closing(handler(job)) as items:
+            for item in items:
+                if item.get("status") == "progress":
+                    pct = 100 * item["progress"]
+                    print(f"[{item['stage']:>8}] {pct:5.1f}%", file=sys.stderr, flush=True)
+                else:
+                    final = item
+    except Interrupted as e:
+        print(f"handler: interrupted by {e.name}; the job was stopped and its temporary "
+              "files removed", file=sys.stderr, flush=True)
+        return e.exit_code
+    print(json.dumps(final, indent=2, default=str))
     return 1 if "error" in final else 0
 
 
@@ -137,7 +179,8 @@ def main(argv: list[str]) -> int:
     if not deployed and not serve_api:
         job = _local_job(argv)
         if job is None:
-            print("no job: pass --test_input '<json>' or create test_input.json", file=sys.stderr)
+            print("no job: pass --test_input '<json>', --test_input_file job.json, "
+                  "--input-file song.mp3 or create test_input.json", file=sys.stderr)
             return 2
         return run_local(job)
 

@@ -6,6 +6,7 @@ object until it expires), so it is never logged; neither are registered secret v
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -63,6 +64,27 @@ def redact_url(url: str) -> str:
     shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     # Callers control the path: keep error messages and log lines bounded.
     return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
+
+
+def log_url(url: str) -> str:
+    """``url`` for a log line: scheme, host, port and a short hash of the path.
+
+    Share links carry their token in the path (``/s/<token>/file``), so even a redacted URL
+    is a credential there; the hash still tells two URLs apart when reading logs.
+    """
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    except ValueError:
+        return REDACTED
+    base = f"{parts.scheme}://{netloc}"
+    if parts.path in ("", "/"):
+        return base + "/"
+    digest = hashlib.sha256(parts.path.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{base} (path sha256:{digest})"
 
 
 def scrub(text: str) -> str:

@@ -9,20 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
@@ -31,39 +24,22 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "out")
     args = p.parse_args()
 
-    import logging
-
-    import boto3
     import requests
-    from moto.server import ThreadedMotoServer
-    from synth import make_mixture
 
-    from handler.core.encode import open_writer
+    from devtools.servers import LocalS3Server
+    from devtools.songs import make_mixture, write_audio
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's request log
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        creds = {"aws_access_key_id": "demo", "aws_secret_access_key": "demo-secret-key"}
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **creds)
+    with LocalS3Server() as server, tempfile.TemporaryDirectory() as tmp:
+        s3 = server.client()
         s3.create_bucket(Bucket="demo")
-
-        with tempfile.TemporaryDirectory() as tmp:
-            song = Path(tmp) / "song.mp3"
-            writer = open_writer(song, "mp3", 44100, 2, 192)
-            writer.write(make_mixture(args.seconds, seed=1)["mixture"])
-            writer.close()
-            s3.upload_file(str(song), "demo", "uploads/song.mp3")
+        song = Path(tmp) / "song.mp3"
+        write_audio(song, make_mixture(args.seconds, seed=1)["mixture"])
+        s3.upload_file(str(song), "demo", "uploads/song.mp3")
         audio_url = s3.generate_presigned_url(
             "get_object", Params={"Bucket": "demo", "Key": "uploads/song.mp3"}, ExpiresIn=600)
 
         env = {
-            **os.environ,
-            "BUCKET_ENDPOINT_URL": endpoint, "BUCKET_NAME": "demo",
-            "BUCKET_ACCESS_KEY_ID": creds["aws_access_key_id"],
-            "BUCKET_SECRET_ACCESS_KEY": creds["aws_secret_access_key"],
+            **os.environ, **server.bucket_env("demo"),
             "ALLOW_PRIVATE_URLS": "true",  # the local S3 server is on loopback
         }
         job = {"input": {"audio_url": audio_url}}
@@ -87,8 +63,6 @@ def main() -> int:
         print(f"presigned URL (valid while the demo's S3 server runs): {result['audio_url']}")
         print(f"local copy: {local}")
         return 0
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

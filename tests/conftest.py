@@ -16,7 +16,7 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from servers import LocalHTTPServer, LocalS3Server  # noqa: E402
+from devtools.servers import LocalHTTPServer, LocalS3Server  # noqa: E402
 
 # --- network and storage ------------------------------------------------------------------
 
@@ -63,16 +63,7 @@ def s3_env(
     """BUCKET_* env (RunPod style) pointing at s3_server and a fresh bucket; returns the
     bucket name. Dummy AWS_* credentials too, so nothing can reach real AWS."""
     bucket = s3_server.create_bucket()
-    for name, value in {
-        "BUCKET_ENDPOINT_URL": s3_server.endpoint_url,
-        "BUCKET_ACCESS_KEY_ID": s3_server.access_key_id,
-        "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        "BUCKET_NAME": bucket,
-        "BUCKET_REGION": s3_server.region,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        "AWS_DEFAULT_REGION": s3_server.region,
-    }.items():
+    for name, value in s3_server.bucket_env(bucket).items():
         monkeypatch.setenv(name, value)
     return bucket
 
@@ -84,7 +75,7 @@ def s3_env(
 def demucs_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local demucs repo with random ``htdemucs`` and 2-model bag ``htdemucs_ft``
     (tests/demucs_repo.py), built once per session."""
-    from demucs_repo import make_repo
+    from devtools.checkpoints import make_repo
 
     return make_repo(tmp_path_factory.mktemp("demucs_repo"))
 

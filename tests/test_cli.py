@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from fixtures_audio import native_decode
-from servers import Serve
-from synth import make_mixture
 
+from devtools.servers import Serve
+from devtools.songs import make_mixture
 from handler.adapters.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -183,7 +183,9 @@ BAD_INPUTS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "random_bytes": (lambda d: random_bytes(d / "song.mp3"), "not a decodable audio"),
     "empty": (lambda d: _write(d / "empty.wav", b""), "not a decodable audio"),
     "html_page": (lambda d: _write(d / "download.mp3", HTML * 20), "not a decodable audio"),
-    "text": (lambda d: _write(d / "notes.txt", b"la la la\n" * 200), "no audio track"),
+    # FFmpeg's best guess for text is its "tty" (ANSI art) demuxer: not an accepted format.
+    "text": (lambda d: _write(d / "notes.txt", b"la la la\n" * 200),
+             "not an accepted audio or video container"),
     "video_without_audio": (lambda d: make("video_no_audio", d).path,
                             "no audio track (found: video)"),
 }

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from fixtures_audio import chord_signal, native_decode
 
+from devtools.metrics import snr_db
 from handler.core.decode import probe
 from handler.core.encode import Mp3Writer, open_writer
 
@@ -36,8 +37,6 @@ def best_lag(ref: np.ndarray, est: np.ndarray, max_lag: int = 2048) -> int:
     return int(lags[np.argmax(corr[lags])])
 
 
-def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
-    return 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - est) ** 2))
 
 
 # --- MP3 --------------------------------------------------------------------------------------

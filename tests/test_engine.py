@@ -20,9 +20,10 @@ import soundfile as sf
 import torch
 from demucs.apply import apply_model
 from demucs.pretrained import get_model as demucs_get_model
-from synth import make_mixture
 from torch import nn
 
+from devtools.metrics import snr_db
+from devtools.songs import make_mixture
 from handler.core.engine import EngineOptions, Separator, _InputRing, separate_array
 from handler.core.models import get_model, unload_all
 from handler.core.models.base import LoadedModel, Member
@@ -32,10 +33,6 @@ from handler.errors import InvalidInput
 SR = 44100
 
 
-def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - est) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(signal / noise)
 
 
 def demucs_reference(model, mix: np.ndarray, shifts: int = 0, overlap: float = 0.25) -> np.ndarray:

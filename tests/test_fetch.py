@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import (
+
+from devtools.servers import (
     Html,
     LocalHTTPServer,
     LyingLength,
@@ -18,7 +19,6 @@ from servers import (
     Stall,
     Status,
 )
-
 from handler.errors import DownloadFailed, InvalidInput
 from handler.redact import install_log_redaction, register_secret
 from handler.transfer.http import download

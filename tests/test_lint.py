@@ -30,6 +30,11 @@ def test_dockerfiles_bake_and_never_download_at_run_time() -> None:
         text = (ROOT / name).read_text()
         assert "builder/install.sh" in text and "builder/bake_models.py" in text, name
         assert "HF_HUB_OFFLINE=1" in text and "MODELS_DIR=/models" in text, name
-        assert 'CMD ["python", "-u", "handler/handler.py"]' in text, name
+        # start.sh runs the serverless worker unless MODE_TO_RUN=http.
+        assert 'CMD ["sh", "/app/start.sh"]' in text and "COPY start.sh" in text, name
+        assert "HEALTHCHECK" in text and "handler.server" in text, name
+    start = (ROOT / "start.sh").read_text()
+    assert 'serverless | "") exec python -u handler/handler.py' in start
+    assert "http) exec python -u -m handler.server" in start
     gpu = (ROOT / "Dockerfile").read_text()
     assert "REQUIRE_CUDA=1" in gpu and "install.sh gpu" in gpu

@@ -5,8 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from servers import LocalHTTPServer, Serve
 
+from devtools.servers import LocalHTTPServer, Serve
 from handler.errors import DownloadFailed, InvalidInput
 from handler.transfer import netguard
 

@@ -27,8 +27,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
-from servers import AcceptPut, LocalHTTPServer, LocalS3Server, Status
 from worker_helpers import ROOT, ApiServer, b64, input_bytes, run_in_process, worker_env
+
+from devtools.servers import AcceptPut, LocalHTTPServer, LocalS3Server, Status
 
 CALLER_ID = "AKIACALLERCALLER0001"
 CALLER_SECRET = "caller-secret-9876543210-zyxwvutsrqponm"
@@ -160,12 +161,7 @@ def test_api_server_never_prints_secrets(levels, s3_server, http_server, tmp_pat
     env = worker_env(
         LOG_LEVEL=log_level, RUNPOD_DEBUG_LEVEL=sdk_level, WORK_DIR=str(tmp_path / "work"),
         MODELS_DIR=str(tmp_path / "models"), ALLOW_PRIVATE_URLS="1", RETRY_BACKOFF_S="0.01",
-        S3_MAX_ATTEMPTS="2",
-        BUCKET_ENDPOINT_URL=s3_server.endpoint_url, BUCKET_NAME=out_bucket,
-        BUCKET_ACCESS_KEY_ID=s3_server.access_key_id,
-        BUCKET_SECRET_ACCESS_KEY=s3_server.secret_access_key,
-        AWS_ACCESS_KEY_ID=s3_server.access_key_id,
-        AWS_SECRET_ACCESS_KEY=s3_server.secret_access_key)
+        S3_MAX_ATTEMPTS="2", **s3_server.bucket_env(out_bucket))
     server = ApiServer(env, tmp_path / "server.log")
     own: list[str] = []
     try:
@@ -279,9 +275,7 @@ def test_deployed_job_loop_never_prints_secrets(s3_server, http_server, tmp_path
             **queue.env(), LOG_LEVEL="DEBUG", RUNPOD_DEBUG_LEVEL="DEBUG",
             WORK_DIR=str(tmp_path / "work"), MODELS_DIR=str(tmp_path / "models"),
             ALLOW_PRIVATE_URLS="1", RETRY_BACKOFF_S="0.01", S3_MAX_ATTEMPTS="2",
-            BUCKET_ENDPOINT_URL=s3_server.endpoint_url, BUCKET_NAME=out_bucket,
-            BUCKET_ACCESS_KEY_ID=s3_server.access_key_id,
-            BUCKET_SECRET_ACCESS_KEY=s3_server.secret_access_key)
+            **s3_server.bucket_env(out_bucket))
         with log_path.open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "handler" / "handler.py")],
                                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -9,7 +9,6 @@ and must load its model exactly once.
 
 from __future__ import annotations
 
-import io
 import os
 import statistics
 import time
@@ -17,8 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-import soundfile as sf
-from worker_helpers import RATE, ApiServer, b64, check_audio, fetch, input_audio, worker_env
+from worker_helpers import ApiServer, b64, check_audio, fetch, input_bytes, worker_env
 
 SOAK_JOBS = int(os.environ.get("SOAK_JOBS", "200"))
 WINDOW = 10  # jobs averaged at the start and at the end
@@ -33,10 +31,7 @@ VARIANTS = [
 
 
 def wav(seconds: float, seed: int) -> tuple[bytes, int]:
-    audio = input_audio(seconds, seed)
-    buf = io.BytesIO()
-    sf.write(buf, audio.T, RATE, format="WAV")
-    return buf.getvalue(), audio.shape[1]
+    return input_bytes(seconds, "wav", seed)
 
 
 @pytest.mark.slow

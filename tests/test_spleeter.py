@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synth import make_mixture
 
+from devtools.metrics import snr_db
+from devtools.songs import make_mixture
 from handler.core.models import spleeter as sp
 from handler.core.models.base import LoadedModel
 from handler.errors import ModelUnavailable
@@ -50,8 +51,6 @@ def _reference_net(ckpt: dict[str, np.ndarray]) -> torch.nn.Module:
     return net.eval()
 
 
-def sdr(ref: np.ndarray, est: np.ndarray) -> float:
-    return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - est) ** 2)))
 
 
 @pytest.mark.parametrize("index", [0, 1])
@@ -85,8 +84,8 @@ def test_separation_quality(model: LoadedModel) -> None:
     assert model.sources == ["vocals", "accompaniment"]
     gains = {}
     for i, stem in enumerate(["vocals", "instrumental"]):
-        baseline = sdr(song[stem], song["mixture"])
-        est = sdr(song[stem], out[i])
+        baseline = snr_db(song[stem], song["mixture"])
+        est = snr_db(song[stem], out[i])
         gains[stem] = est - baseline
         print(f"{stem}: SDR {est:.2f} dB vs mixture {baseline:.2f} dB (+{gains[stem]:.2f} dB)")
     # Measured +16.5 dB for both stems (they are complementary, so the gains match).
@@ -184,6 +183,6 @@ def test_pipeline_improves_instrumental_over_several_chunks(tmp_path):
         model=model.name, stems=["instrumental"], output_format="wav", channels=2))
     est, _ = sf.read(result.outputs[0].file.path, dtype="float32", always_2d=True)
     truth = song["instrumental"].T
-    gain = sdr(truth, est) - sdr(truth, song["mixture"].T)
+    gain = snr_db(truth, est) - snr_db(truth, song["mixture"].T)
     print(f"pipeline instrumental SDR gain over 30 s: {gain:.2f} dB")
     assert gain >= 12.0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,10 +11,12 @@ from typing import Any
 import pytest
 import requests
 from botocore.exceptions import EndpointConnectionError
-from servers import AcceptPut, LocalHTTPServer, LocalS3Server, Status
 
+from devtools.net import free_port
+from devtools.servers import AcceptPut, LocalHTTPServer, LocalS3Server, Status
 from handler.errors import DownloadFailed, InvalidInput, UploadFailed
 from handler.redact import scrub
+from handler.transfer import http, keys
 from handler.transfer import s3 as storage
 from handler.transfer.s3 import S3Settings
 
@@ -44,18 +45,12 @@ def s3(s3_server: LocalS3Server) -> tuple[Any, str]:
     return storage.make_client(s3_server.settings(bucket)), bucket
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- upload / presign -----------------------------------------------------------------------
 
 
 def test_upload_presign_and_get(s3: tuple[Any, str], small_file: Path) -> None:
     client, bucket = s3
-    key = storage.output_key("separations", "job-1", "vocals", "mp3")
+    key = keys.output_key("separations", "job-1", "vocals", "mp3")
     storage.upload_file(client, small_file, bucket, key, "audio/mpeg", metadata={"model": "x"})
     url = storage.presign_get(client, bucket, key, 3600)
     assert "X-Amz-Signature=" in url and f"/{bucket}/separations/job-1/vocals.mp3?" in url
@@ -97,7 +92,7 @@ def test_upload_to_missing_bucket(s3_server: LocalS3Server, small_file: Path) ->
 
 
 def test_upload_to_closed_port_fails_fast(s3_server: LocalS3Server, small_file: Path) -> None:
-    settings = s3_server.settings("b", endpoint_url=f"http://127.0.0.1:{_free_port()}")
+    settings = s3_server.settings("b", endpoint_url=f"http://127.0.0.1:{free_port()}")
     client = storage.make_client(settings, max_attempts=1, connect_timeout_s=1)
     started = time.monotonic()
     with pytest.raises(UploadFailed) as info:
@@ -121,7 +116,7 @@ def test_put_presigned_to_s3(s3: tuple[Any, str], big_file: Path) -> None:
     url = client.generate_presigned_url(
         "put_object", Params={"Bucket": bucket, "Key": "out/inst.wav"}, ExpiresIn=600
     )
-    storage.put_presigned(url, big_file, "audio/wav")
+    http.put_presigned(url, big_file, "audio/wav")
     obj = client.get_object(Bucket=bucket, Key="out/inst.wav")
     assert obj["ContentLength"] == big_file.stat().st_size
     assert obj["ContentType"] == "audio/wav"
@@ -130,7 +125,7 @@ def test_put_presigned_to_s3(s3: tuple[Any, str], big_file: Path) -> None:
 @pytest.mark.usefixtures("fast_local_network")
 def test_put_presigned_to_http_server(http_server: LocalHTTPServer, small_file: Path) -> None:
     url = http_server.route("/up/v.mp3", AcceptPut(201))
-    storage.put_presigned(url + "?sig=abc", small_file, "audio/mpeg")
+    http.put_presigned(url + "?sig=abc", small_file, "audio/mpeg")
     upload = http_server.uploads["/up/v.mp3"]
     assert upload.body == small_file.read_bytes()
     assert upload.headers["Content-Type"] == "audio/mpeg"
@@ -144,7 +139,7 @@ def test_put_presigned_client_error_not_retried(
 ) -> None:
     url = http_server.route("/up", Status(403))
     with pytest.raises(UploadFailed, match="HTTP 403") as info:
-        storage.put_presigned(url + "?X-Amz-Signature=feedface", small_file, "audio/mpeg")
+        http.put_presigned(url + "?X-Amz-Signature=feedface", small_file, "audio/mpeg")
     assert "feedface" not in str(info.value)
     assert http_server.hits("/up") == 1
 
@@ -154,18 +149,18 @@ def test_put_presigned_server_errors_retried(
     http_server: LocalHTTPServer, small_file: Path
 ) -> None:
     url = http_server.route("/up", Status(500), Status(503), AcceptPut())
-    storage.put_presigned(url, small_file, "audio/mpeg")
+    http.put_presigned(url, small_file, "audio/mpeg")
     assert http_server.hits("/up") == 3 and "/up" in http_server.uploads
     url = http_server.route("/down", Status(502))
     with pytest.raises(UploadFailed, match="HTTP 502.*after 2 attempts"):
-        storage.put_presigned(url, small_file, "audio/mpeg", retries=1)
+        http.put_presigned(url, small_file, "audio/mpeg", retries=1)
 
 
 @pytest.mark.usefixtures("fast_local_network")
 def test_put_presigned_connection_refused(small_file: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}/up"
+    url = f"http://127.0.0.1:{free_port()}/up"
     with pytest.raises(UploadFailed, match="connection refused"):
-        storage.put_presigned(url, small_file, "audio/mpeg", retries=1)
+        http.put_presigned(url, small_file, "audio/mpeg", retries=1)
 
 
 def test_put_presigned_checks_url(
@@ -174,9 +169,9 @@ def test_put_presigned_checks_url(
     monkeypatch.delenv("ALLOW_PRIVATE_URLS", raising=False)
     url = http_server.route("/up", AcceptPut())
     with pytest.raises(InvalidInput, match="loopback"):
-        storage.put_presigned(url, small_file, "audio/mpeg")
+        http.put_presigned(url, small_file, "audio/mpeg")
     with pytest.raises(InvalidInput):
-        storage.put_presigned("file:///tmp/x", small_file, "audio/mpeg")
+        http.put_presigned("file:///tmp/x", small_file, "audio/mpeg")
     assert http_server.hits("/up") == 0
 
 
@@ -214,25 +209,6 @@ def test_download_object_access_denied(
     client = storage.make_client(settings, max_attempts=1)
     with pytest.raises(DownloadFailed, match="access denied to s3://b/k.mp3"):
         storage.download_object(client, "b", "k.mp3", tmp_path / "a", max_bytes=MB)
-
-
-@pytest.mark.parametrize(
-    ("uri", "expected"),
-    [
-        ("s3://bucket/key.mp3", ("bucket", "key.mp3")),
-        ("s3://my.bucket-1/a/b c?.mp3", ("my.bucket-1", "a/b c?.mp3")),
-    ],
-)
-def test_parse_s3_uri(uri: str, expected: tuple[str, str]) -> None:
-    assert storage.parse_s3_uri(uri) == expected
-
-
-@pytest.mark.parametrize(
-    "uri", ["s3://", "s3://bucket", "s3://bucket/", "s3:///key", "https://b/k", "bucket/key"]
-)
-def test_parse_s3_uri_malformed(uri: str) -> None:
-    with pytest.raises(InvalidInput):
-        storage.parse_s3_uri(uri)
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -336,144 +312,3 @@ def test_s3_config_endpoint_is_ssrf_checked(
 def test_settings_from_s3_config_invalid(cfg: Any) -> None:
     with pytest.raises(InvalidInput):
         S3Settings.from_s3_config(cfg)
-
-
-# --- S3 events and key layout -------------------------------------------------------------
-
-AWS_EVENT = {
-    "Records": [
-        {
-            "eventVersion": "2.1",
-            "eventSource": "aws:s3",
-            "awsRegion": "us-east-1",
-            "eventTime": "2025-03-01T12:34:56.789Z",
-            "eventName": "ObjectCreated:Put",
-            "userIdentity": {"principalId": "AWS:AIDAJDPLRKLG7UEXAMPLE"},
-            "requestParameters": {"sourceIPAddress": "203.0.113.7"},
-            "responseElements": {
-                "x-amz-request-id": "C3D13FE58DE4C810",
-                "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD",
-            },
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "separate-on-upload",
-                "bucket": {
-                    "name": "my-music",
-                    "ownerIdentity": {"principalId": "A3NL1KOZZKExample"},
-                    "arn": "arn:aws:s3:::my-music",
-                },
-                "object": {
-                    "key": "uploads/My+Song+%281%29.mp3",
-                    "size": 5242880,
-                    "eTag": "d41d8cd98f00b204e9800998ecf8427e",
-                    "sequencer": "0055AED6DCD90281E5",
-                },
-            },
-        },
-        {
-            "eventVersion": "2.1",
-            "eventSource": "aws:s3",
-            "eventName": "ObjectRemoved:Delete",
-            "s3": {"bucket": {"name": "my-music"}, "object": {"key": "uploads/old.mp3"}},
-        },
-    ]
-}
-
-MINIO_EVENT = {
-    "EventName": "s3:ObjectCreated:Put",
-    "Key": "music/uploads/Caf%C3%A9+Song.flac",
-    "Records": [
-        {
-            "eventVersion": "2.0",
-            "eventSource": "minio:s3",
-            "awsRegion": "",
-            "eventTime": "2025-03-01T12:34:56.789Z",
-            "eventName": "s3:ObjectCreated:Put",
-            "userIdentity": {"principalId": "minioadmin"},
-            "requestParameters": {
-                "principalId": "minioadmin", "region": "", "sourceIPAddress": "172.17.0.1"
-            },
-            "responseElements": {
-                "content-length": "0",
-                "x-amz-id-2": "dd9025bab4ad464b049177c95eb6ebf374d3b3fd1af9251148b658df7ac2e3e8",
-                "x-amz-request-id": "17F8A6E1E2F1A2B3",
-                "x-minio-deployment-id": "8f5c4b9e-5a1d-4c2e-9f3a-2b7d6e1c0a9f",
-                "x-minio-origin-endpoint": "http://172.17.0.2:9000",
-            },
-            "s3": {
-                "s3SchemaVersion": "1.0",
-                "configurationId": "Config",
-                "bucket": {
-                    "name": "music",
-                    "ownerIdentity": {"principalId": "minioadmin"},
-                    "arn": "arn:aws:s3:::music",
-                },
-                "object": {
-                    "key": "uploads%2FCaf%C3%A9+Song.flac",
-                    "size": 1234567,
-                    "eTag": "a1b2c3d4e5f60718293a4b5c6d7e8f90",
-                    "contentType": "audio/flac",
-                    "userMetadata": {"content-type": "audio/flac"},
-                    "sequencer": "17F8A6E1E2F1A2B3",
-                },
-            },
-            "source": {
-                "host": "172.17.0.1", "port": "", "userAgent": "MinIO (linux; amd64) minio-go/v7"
-            },
-        }
-    ],
-}
-
-
-def test_parse_aws_event() -> None:
-    assert storage.parse_s3_event(AWS_EVENT) == [("my-music", "uploads/My Song (1).mp3")]
-
-
-def test_parse_minio_event() -> None:
-    assert storage.parse_s3_event(MINIO_EVENT) == [("music", "uploads/Café Song.flac")]
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        {},
-        {"audio_url": "https://example.com/a.mp3"},
-        {"Records": "nope"},
-        {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "my-music"},
-        {"EventName": "s3:ObjectRemoved:Delete", "Records": [
-            {"eventName": "s3:ObjectRemoved:Delete",
-             "s3": {"bucket": {"name": "b"}, "object": {"key": "k"}}}]},
-    ],
-)
-def test_parse_non_events(payload: dict) -> None:
-    assert storage.parse_s3_event(payload) == []
-
-
-def test_output_keys() -> None:
-    assert storage.output_key("separations", "job-1", "vocals", "mp3") == (
-        "separations/job-1/vocals.mp3"
-    )
-    assert storage.output_key("", "job-1", "vocals", ".wav") == "job-1/vocals.wav"
-    assert storage.output_key("/a/b/", "j", "v", "flac") == "a/b/j/v.flac"
-
-
-def test_event_output_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EVENT_OUTPUT_PREFIX", raising=False)
-    key = storage.event_output_key("uploads/song.mp3", "instrumental", "mp3")
-    assert key == "uploads/separated/song/instrumental.mp3"
-    assert storage.event_output_key("song.tar.mp3", "vocals", "wav", "out/") == (
-        "out/song.tar/vocals.wav"
-    )
-    monkeypatch.setenv("EVENT_OUTPUT_PREFIX", "stems")
-    assert storage.event_output_key("a/b/c.flac", "vocals", "flac") == "a/b/stems/c/vocals.flac"
-
-
-def test_is_own_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("EVENT_OUTPUT_PREFIX", raising=False)
-    own = storage.event_output_key("uploads/song.mp3", "vocals", "mp3")
-    assert storage.is_own_output(own)
-    assert not storage.is_own_output("uploads/song.mp3")
-    assert not storage.is_own_output("uploads/separated.mp3")  # a file, not the folder
-    assert not storage.is_own_output("separatedness/song.mp3")
-    assert storage.is_own_output("x/out/sep/a/b.wav", "out/sep")
-    assert not storage.is_own_output("x/out/a/sep/b.wav", "out/sep")

@@ -11,28 +11,25 @@ import os
 from pathlib import Path
 
 import pytest
-from servers import AcceptPut, Html, Status
 from worker_helpers import (
     assert_clean,
     b64,
     check_error,
     free_port,
+    fresh_work_dir,
     input_bytes,
     run_good_job,
     run_in_process,
 )
+
+from devtools.servers import AcceptPut, Html, Status
 
 GOOD_SECONDS = 2.0
 
 
 @pytest.fixture(autouse=True)
 def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network: None) -> Path:
-    for name in ("DEFAULT_MODEL", "MAX_DURATION_S", "MODELS_DIR"):
-        monkeypatch.delenv(name, raising=False)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("WORK_DIR", str(work))
-    return work
+    return fresh_work_dir(monkeypatch, tmp_path, "DEFAULT_MODEL", "MAX_DURATION_S", "MODELS_DIR")
 
 
 @pytest.fixture(scope="module")
@@ -188,12 +185,12 @@ def test_upload_failed(s3_env, monkeypatch, work_dir, good_input):
     data, _ = good_input
     source = {"audio_base64": b64(data)}
 
-    # The worker's bucket is misconfigured (no such bucket): found when storing.
+    # The worker's bucket is misconfigured (no such bucket): found before any work.
     monkeypatch.setenv("BUCKET_NAME", "no-such-bucket-here")
     run = run_in_process({"id": "bad", "input": source})
     check_error(run, "UPLOAD_FAILED")
     assert "NoSuchBucket" in run.final["error"]
-    assert run.progress[-1]["stage"] == "upload"
+    assert run.progress == []
     assert_clean(work_dir)
 
     # The caller's presigned URL: nothing listens there (retried, then given up).

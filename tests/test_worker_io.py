@@ -1,4 +1,4 @@
-"""The worker's sources and destinations, job by job in-process (``handler.job.run_job``),
+"""The worker's sources and destinations, job by job in-process (``runner.run_job``),
 against moto's S3 over real HTTP and the real spleeter_2stems model.
 
 Every output is downloaded through what the result returned (a presigned URL, a data URI, or

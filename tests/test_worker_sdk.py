@@ -49,13 +49,7 @@ def server_dirs(tmp_path_factory) -> dict[str, Path]:
 
 def bucket_env(s3_server, bucket: str) -> dict[str, str]:
     return {
-        "BUCKET_ENDPOINT_URL": s3_server.endpoint_url,
-        "BUCKET_ACCESS_KEY_ID": s3_server.access_key_id,
-        "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        "BUCKET_NAME": bucket,
-        "AWS_ACCESS_KEY_ID": s3_server.access_key_id,
-        "AWS_SECRET_ACCESS_KEY": s3_server.secret_access_key,
-        "AWS_DEFAULT_REGION": s3_server.region,
+        **s3_server.bucket_env(bucket),
         "ALLOW_PRIVATE_URLS": "1",
         "RETRY_BACKOFF_S": "0.01",
     }

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +20,9 @@ from typing import Any
 import av
 import numpy as np
 import requests
-import soundfile as sf
-from synth import make_mixture
+
+from devtools.net import free_port
+from devtools.songs import audio_bytes, make_mixture, write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 44100  # the input rate, and spleeter_2stems's output rate
@@ -42,24 +42,13 @@ def input_audio(seconds: float = 2.0, seed: int = 0) -> np.ndarray:
 def write_input(path: Path, seconds: float = 2.0, fmt: str = "wav", seed: int = 0) -> int:
     """Write a synthetic song to ``path`` (wav/flac via soundfile, mp3 via the worker's own
     gapless writer); returns its length in samples."""
-    audio = input_audio(seconds, seed)
-    if fmt == "mp3":
-        from handler.core.encode import open_writer
-
-        writer = open_writer(path, "mp3", RATE, 2, 192)
-        writer.write(audio)
-        writer.close()
-    else:
-        sf.write(str(path), audio.T, RATE, format=fmt.upper())
-    return audio.shape[1]
+    return write_audio(path, input_audio(seconds, seed), RATE, fmt)
 
 
 def input_bytes(seconds: float = 2.0, fmt: str = "wav", seed: int = 0) -> tuple[bytes, int]:
     """(file bytes, samples) of a synthetic song."""
     audio = input_audio(seconds, seed)
-    buf = io.BytesIO()
-    sf.write(buf, audio.T, RATE, format=fmt.upper())
-    return buf.getvalue(), audio.shape[1]
+    return audio_bytes(audio, RATE, fmt), audio.shape[1]
 
 
 def b64(data: bytes) -> str:
@@ -80,9 +69,9 @@ class JobRun:
 
 
 def run_in_process(job: dict) -> JobRun:
-    """Iterate ``handler.job.run_job(job)`` to the end; split progress items from the final
+    """Iterate ``runner.run_job(job)`` to the end; split progress items from the final
     one, checking that every item before the last is a progress item."""
-    from handler.service.job import run_job
+    from handler.service.runner import run_job
 
     items = list(run_job(job))
     assert items, "the job yielded nothing"
@@ -186,12 +175,6 @@ def check_audio(data: bytes, output: dict, *, samples: int, channels: int) -> De
 # --- the runpod SDK's local API server ------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ApiServer:
     """``python handler/handler.py --rp_serve_api`` on 127.0.0.1: the SDK's FastAPI server
     (``/runsync``, ``/run``, ``/status/{id}``, ``/stream/{id}``) running our handler in the
@@ -290,6 +273,21 @@ def split_output(output: list[Any]) -> tuple[list[dict], dict]:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
+
+
+def fresh_work_dir(monkeypatch: Any, tmp_path: Path, *unset: str,
+                   keep_bucket: bool = True) -> Path:
+    """A clean WORK_DIR for in-process jobs, with ``unset`` settings removed (and every
+    BUCKET_* one unless ``keep_bucket``)."""
+    for name in unset:
+        monkeypatch.delenv(name, raising=False)
+    if not keep_bucket:
+        for name in [n for n in os.environ if n.startswith("BUCKET_")]:
+            monkeypatch.delenv(name)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("WORK_DIR", str(work))
+    return work
 
 
 def assert_clean(work: Path) -> None:

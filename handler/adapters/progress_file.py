@@ -1,4 +1,4 @@
-"""Progress reporting shared by the CLI (predecessor-compatible JSON file) and the worker."""
+"""The predecessor's progress JSON file (``demucs-separate --progress-file``)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ import os
 import time
 from pathlib import Path
 
-
-class Throttle:
-    """Lets an event through at most every ``interval`` seconds (the last one always passes)."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self._last = float("-inf")
-
-    def ready(self, force: bool = False) -> bool:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval:
-            self._last = now
-            return True
-        return False
+from handler.core.progress import Throttle
 
 
 class ProgressFile:

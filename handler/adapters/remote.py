@@ -1,4 +1,5 @@
-"""``demucs-separate --endpoint ID``: run the job on a deployed RunPod endpoint.
+"""``demucs-separate --endpoint ID|URL``: run the job on a deployed RunPod endpoint, or on a
+self-hosted server (``python -m handler.server``) given by its base URL.
 
 A local file is uploaded to the worker's bucket first (``BUCKET_*`` env, as the worker uses),
 the job is submitted with the runpod SDK's endpoint client (``RUNPOD_API_KEY``), streamed
@@ -7,6 +8,7 @@ progress is shown, and the outputs are downloaded into the output directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -16,27 +18,11 @@ from typing import Any
 
 import requests
 
-from handler.core.pipeline import SeparationRequest
+from handler.core.request import SeparationRequest, output_name
 from handler.errors import DownloadFailed, InternalError, InvalidInput, WorkerError
-from handler.transfer import s3
+from handler.transfer import keys, s3
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
-
-
-def job_input(req: SeparationRequest) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "stems": req.stems, "output_format": req.output_format, "mp3_bitrate": req.mp3_bitrate,
-        "channels": req.channels, "shifts": req.shifts, "seed": req.seed,
-    }
-    if req.overlap is not None:
-        out["overlap"] = req.overlap
-    if req.model:
-        out["model"] = req.model
-    if req.segment is not None:
-        out["segment"] = req.segment
-    if req.interval_cut:
-        out["interval_cut"] = req.interval_cut
-    return out
 
 
 def _source(source: str) -> dict[str, str]:
@@ -51,7 +37,7 @@ def _source(source: str) -> dict[str, str]:
                            "(or pass an http(s) URL as --input)")
     client = s3.make_client(settings)
     assert settings.bucket is not None
-    key = s3.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
+    key = keys.output_key(settings.prefix, "inputs", uuid.uuid4().hex, "")
     key = f"{key.rstrip('.')}{path.suffix}"
     s3.upload_file(client, path, settings.bucket, key, "application/octet-stream")
     return {"s3_uri": f"s3://{settings.bucket}/{key}"}
@@ -66,11 +52,31 @@ def run_remote(
 
     # The SDK itself reads only ~/.runpod/config.toml, not the environment.
     api_key = os.environ.get("RUNPOD_API_KEY", "").strip() or runpod.api_key
-    if not api_key:
+    self_hosted = endpoint_id.startswith(("http://", "https://"))
+    if not api_key and not self_hosted:
         raise InvalidInput("--endpoint needs RUNPOD_API_KEY set (or `runpod config`)")
-    client = RunPodClient(api_key=api_key)
-    payload = {"input": {**_source(source), **job_input(req)}}
-    job_id = client.post(f"{endpoint_id}/run", payload)["id"]
+    # A self-hosted server takes the same key as its bearer token (none if it has no API_TOKEN).
+    client = RunPodClient(api_key=api_key or "none")
+    prefix = f"{endpoint_id}/"
+    if self_hosted:  # its job API is at the root (and at /v2/<anything>/)
+        client.endpoint_url_base = endpoint_id.rstrip("/")
+        prefix = ""
+    payload = {"input": {**_source(source), **req.as_job_input()}}
+    job_id = client.post(f"{prefix}run", payload)["id"]
+    try:
+        final = _follow(client, prefix, job_id, quiet, poll_s, timeout_s)
+    except KeyboardInterrupt:  # Ctrl-C: the job stops too (best effort, one request)
+        with contextlib.suppress(Exception):
+            client.post(f"{prefix}cancel/{job_id}", {}, timeout=10)
+        raise
+    if "error" in final:
+        raise _typed(str(final["error"]))
+    return _download_outputs(final, out_dir)
+
+
+def _follow(client: Any, prefix: str, job_id: str, quiet: bool, poll_s: float,
+            timeout_s: float) -> dict:
+    """Poll the job until its final item, printing streamed progress."""
     poll = _Poller(client)
     final: dict | None = None
     deadline = time.monotonic() + timeout_s
@@ -78,7 +84,7 @@ def run_remote(
         if time.monotonic() > deadline:
             raise InternalError(f"job {job_id} did not finish in {timeout_s:.0f} s")
         time.sleep(poll_s)
-        state = poll(f"{endpoint_id}/stream/{job_id}")
+        state = poll(f"{prefix}stream/{job_id}")
         for chunk in state.get("stream") or []:
             item = chunk.get("output", chunk)
             if isinstance(item, dict) and item.get("status") == "progress":
@@ -91,14 +97,12 @@ def run_remote(
         if final is None and status in FINAL:
             if state.get("error"):
                 raise WorkerError(str(state["error"]))
-            result = poll(f"{endpoint_id}/status/{job_id}")
+            result = poll(f"{prefix}status/{job_id}")
             output = result.get("output")
             final = output[-1] if isinstance(output, list) and output else output
             if final is None:
                 raise InternalError(f"job {job_id} ended {status} with no output")
-    if "error" in final:
-        raise _typed(str(final["error"]))
-    return _download_outputs(final, out_dir)
+    return final
 
 
 class _Poller:
@@ -133,9 +137,7 @@ def _download_outputs(final: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for output in final.get("outputs", []):
-        name = output.get("stem", "output")
-        if output.get("interval") is not None:
-            name = f"{name}_{output['interval']:03d}"
+        name = output_name(output.get("stem", "output"), output.get("interval"))
         dest = out_dir / f"{name}.{output.get('format', 'mp3')}"
         url = output.get("url") or ""
         if url.startswith("data:"):

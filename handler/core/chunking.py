@@ -49,6 +49,7 @@ class ChunkSettings:
     transition_power: float = 1.0
     shift_prefix: int = 0  # demucs's shift trick: zeros in front of the track
     batch_size: int = 1
+    num_overlap: int | None = None  # MSST families: a count of overlapping chunks (their own)
 
 
 class ChunkRule(Protocol):

@@ -1,9 +1,10 @@
 """Incremental encoders: MP3 (lameenc), WAV and FLAC (soundfile).
 
 Writers take (channels, n) float32 blocks as they leave the engine, so nothing waits for the
-whole track. Each block is clamped to [-1, 1] on its own (no whole-file peak pass). MP3 files
-get a LAME "Info" tag with the encoder delay and padding, so decoders that honour it (FFmpeg,
-browsers, most players) return exactly the input's sample count: gapless, no added silence.
+whole track. Integer outputs (MP3, 16/24-bit WAV/FLAC) clamp each block to [-1, 1] on its own
+(no whole-file peak pass); 32-bit float WAV keeps peaks above full scale (demucs's --float32).
+MP3 files get a LAME "Info" tag with the encoder delay and padding, so decoders that honour it
+(FFmpeg, browsers, most players) return exactly the input's sample count: gapless, no added silence.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import soundfile as sf
 
 FORMATS = ("mp3", "wav", "flac")
 CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac"}
+# Sample formats of WAV/FLAC output (demucs: default 16-bit, --int24, --float32). FLAC has no
+# float samples.
+BIT_DEPTHS = ("16", "24", "32f")
+_SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "32f": "FLOAT"}
 MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
 _MPEG1_RATES = {44100: 0, 48000: 1, 32000: 2}
 _LAME_DELAY = 576  # LAME's encoder delay at these rates (decoders add 529 of their own)
@@ -51,26 +56,31 @@ class Writer(Protocol):
     def abort(self) -> None: ...
 
 
-def _prepare(block: np.ndarray, channels: int) -> np.ndarray:
-    """(C, n) float -> (n, channels) float32 in [-1, 1]."""
+def _prepare(block: np.ndarray, channels: int, clip: bool = True) -> np.ndarray:
+    """(C, n) float -> (n, channels) float32, in [-1, 1] when ``clip``."""
     if channels == 1 and block.shape[0] > 1:
         block = block.mean(axis=0, keepdims=True)
     elif channels == 2 and block.shape[0] == 1:
         block = np.repeat(block, 2, axis=0)
-    return np.clip(block.T, -1.0, 1.0).astype(np.float32, copy=False)
+    data = np.clip(block.T, -1.0, 1.0) if clip else block.T
+    return data.astype(np.float32, copy=False)
 
 
 class SoundfileWriter:
-    def __init__(self, path: Path, fmt: str, sample_rate: int, channels: int):
+    def __init__(self, path: Path, fmt: str, sample_rate: int, channels: int,
+                 bit_depth: str = "16"):
+        if bit_depth not in BIT_DEPTHS or (fmt == "flac" and bit_depth == "32f"):
+            raise ValueError(f"no {bit_depth} samples in {fmt}")
         self.path, self.fmt, self.rate, self.channels = path, fmt, sample_rate, channels
+        self.float = bit_depth == "32f"
         self.samples = 0
         self._file = sf.SoundFile(
             str(path), "w", samplerate=sample_rate, channels=channels,
-            format=fmt.upper(), subtype="PCM_16",
+            format=fmt.upper(), subtype=_SUBTYPES[bit_depth],
         )
 
     def write(self, block: np.ndarray) -> None:
-        data = _prepare(block, self.channels)
+        data = _prepare(block, self.channels, clip=not self.float)
         self._file.write(data)
         self.samples += data.shape[0]
 
@@ -205,10 +215,11 @@ def _crc16(data: bytes) -> int:
 
 
 def open_writer(
-    path: Path, fmt: str, sample_rate: int, channels: int, bitrate: int = 192
+    path: Path, fmt: str, sample_rate: int, channels: int, bitrate: int = 192,
+    bit_depth: str = "16",
 ) -> Writer:
     if fmt == "mp3":
         return Mp3Writer(path, sample_rate, channels, bitrate)
     if fmt in ("wav", "flac"):
-        return SoundfileWriter(path, fmt, sample_rate, channels)
+        return SoundfileWriter(path, fmt, sample_rate, channels, bit_depth)
     raise ValueError(f"unknown format {fmt!r}")

@@ -35,6 +35,7 @@ class EngineOptions:
     seed: int | None = 0  # shift offsets are drawn from random.Random(seed); None = random
     shift_offsets: list[int] | None = None  # explicit demucs-style offsets (tests)
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None = the model's own
+    num_overlap: int | None = None  # MSST families: chunks covering a sample; None = the YAML's
 
 
 ProgressFn = Callable[[int, int], None]
@@ -200,12 +201,28 @@ class Separator:
                     if offset is None:
                         offset = rng.randint(0, max_shift)
                     prefix = max_shift - offset
-                settings = ChunkSettings(seg, o.overlap, o.transition_power, prefix, o.batch_size)
+                settings = ChunkSettings(seg, o.overlap, o.transition_power, prefix, o.batch_size,
+                                         o.num_overlap)
                 self.lanes.append(_Lane(member, member.chunking(settings)))
                 coef = [member.weights[k] / totals[k] / max(1, o.shifts) for k in range(nsrc)]
                 self.coefs.append(torch.tensor(coef, dtype=torch.float32).view(nsrc, 1, 1))
 
     # -- public -------------------------------------------------------------------------------
+    def work_seconds(self, n: int) -> float:
+        """Seconds of audio the networks will process for an ``n``-sample input (every lane's
+        windows, context and padding included), per member of the model: the job's cost in
+        units of one network pass over one second of audio."""
+        total = 0
+        for lane in self.lanes:
+            lane_total = lane.rule.lane_total(n)
+            first = lane.rule.window(0, lane_total, lane_total)
+            if isinstance(first, Window):
+                # A network that only runs on its training window pads every chunk to it.
+                cost = max(first.read_len,
+                           lane.member.segment_length if lane.member.pad_to_segment else 0)
+                total += lane.rule.chunks_total(lane_total) * cost
+        return total / self.model.samplerate / len(self.model.members)
+
     def run(
         self,
         blocks: Iterable[np.ndarray],
@@ -241,7 +258,13 @@ class Separator:
                         ring.append(block.astype(np.float32, copy=False))
                         del block  # see _InputRing: nothing but the rings outlives a chunk
                     continue
-                break  # every lane is done
+                # Nothing left to run: a lane whose last chunk ran before the input's end was
+                # known finishes now.
+                for i in range(len(self.lanes)):
+                    self._collect(i, n, ring.end, lane_out, lane_pos)
+                if min(lane_pos) > combined_pos:
+                    yield self._combine(lane_out, min(lane_pos) - combined_pos)
+                break
             lane_idx, windows = picked
             lane = self.lanes[lane_idx]
             x = torch.from_numpy(self._gather(ring, lane, windows, chunk_bufs))
@@ -249,12 +272,7 @@ class Separator:
             for w, y in zip(windows, out, strict=True):
                 lane.accumulate(w, y)
             del out, x, y
-            total, available = self._lane_extent(lane, n, ring.end)
-            finished = lane.finish(total, available, n)
-            if finished is not None:
-                lane_out[lane_idx].append(finished)
-                lane_pos[lane_idx] += finished.shape[-1]
-                del finished
+            self._collect(lane_idx, n, ring.end, lane_out, lane_pos)
             if progress is not None:
                 seen = n if n is not None else max(expected_samples or 0, ring.end)
                 progress(sum(la.k for la in self.lanes),
@@ -268,6 +286,17 @@ class Separator:
                                  for la in self.lanes))
 
     # -- internals ----------------------------------------------------------------------------
+    def _collect(self, i: int, n: int | None, decoded: int,
+                 lane_out: list[list[torch.Tensor]], lane_pos: list[int]) -> None:
+        """Move what lane ``i`` has finished to its output queue."""
+        lane = self.lanes[i]
+        if lane.done:
+            return
+        finished = lane.finish(*self._lane_extent(lane, n, decoded), n)
+        if finished is not None:
+            lane_out[i].append(finished)
+            lane_pos[i] += finished.shape[-1]
+
     @staticmethod
     def _lane_extent(lane: _Lane, n: int | None, decoded: int) -> tuple[int | None, int]:
         """(lane total once the input length is known, lane positions decoded so far)."""

@@ -12,38 +12,21 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from handler import config
 from handler.core.decode import AudioInfo, DecodeStats, iter_blocks, probe
-from handler.core.encode import FORMATS, MP3_BITRATES, EncodedFile, Writer, open_writer
+from handler.core.encode import EncodedFile, Writer, open_writer
 from handler.core.engine import EngineOptions, Separator
 from handler.core.models import INSTRUMENTAL, VOCALS, LoadedModel, get_model
-from handler.core.models.demucs_family import max_segment
+from handler.core.progress import ProgressFn
+from handler.core.request import SeparationRequest, output_name
 from handler.errors import InvalidInput, TooLong, WorkerError
 
 log = logging.getLogger(__name__)
-
-ALL_STEMS = "all"
-
-
-@dataclass
-class SeparationRequest:
-    """The options every entry point shares, under demucs's names where demucs has one."""
-
-    model: str | None = None  # None: DEFAULT_MODEL
-    stems: list[str] = field(default_factory=lambda: [INSTRUMENTAL])  # or ["all"]
-    output_format: str = "mp3"
-    mp3_bitrate: int = 192
-    channels: int = 1
-    shifts: int = 1
-    overlap: float | None = None  # None: the model's default (demucs: 0.25)
-    segment: float | None = None
-    interval_cut: list[float] = field(default_factory=list)  # seconds: one file per interval
-    seed: int = 0
 
 
 @dataclass
@@ -78,42 +61,37 @@ class SeparationResult:
     warnings: list[str]
 
 
-# progress(stage, completed, total): stage is "decode" | "separate" | "encode"
-ProgressFn = Callable[[str, int, int], None]
+@dataclass
+class Prepared:
+    """A request checked against its loaded model, once: what ``separate_file`` runs."""
+
+    request: SeparationRequest
+    model: LoadedModel
+    stems: list[str]
 
 
-def resolve_stems(model: LoadedModel, stems: list[str]) -> list[str]:
-    if not stems:
+def prepare(req: SeparationRequest) -> Prepared:
+    """Load the request's model and check what only the model can tell (stems, segment)."""
+    model = get_model(req.model or config.default_model())
+    limit = model.max_segment
+    if req.segment is not None and limit is not None and req.segment > limit + 1e-6:
+        raise InvalidInput(f"segment must be > 0.5 s and at most {limit:.2f} s for {model.name}")
+    if not req.stems:
         raise InvalidInput("stems must name at least one stem")
-    if ALL_STEMS in stems:
-        return model.stems
-    unknown = [s for s in stems if s not in model.stems]
-    if unknown:
-        raise InvalidInput(
-            f"model {model.name} has no stem {', '.join(map(repr, unknown))}; "
-            f"it offers: {', '.join(model.stems)}"
-        )
-    return list(dict.fromkeys(stems))
-
-
-def validate(req: SeparationRequest, model: LoadedModel) -> None:
-    if req.output_format not in FORMATS:
-        raise InvalidInput(f"output_format must be one of {', '.join(FORMATS)}")
-    if req.output_format == "mp3" and req.mp3_bitrate not in MP3_BITRATES:
-        raise InvalidInput(f"mp3_bitrate must be one of {MP3_BITRATES}")
-    if req.channels not in (1, 2):
-        raise InvalidInput("channels must be 1 or 2")
-    if not 0 <= req.shifts <= 20:
-        raise InvalidInput("shifts must be between 0 and 20")
-    if req.overlap is not None and not 0 <= req.overlap <= 0.95:
-        raise InvalidInput("overlap must be between 0 and 0.95")
-    if req.segment is not None:
-        limit = max_segment(model)
-        if req.segment <= 0.5 or (limit is not None and req.segment > limit + 1e-6):
-            bound = f"{limit:.2f}" if limit is not None else "unbounded"
-            raise InvalidInput(f"segment must be > 0.5 s and at most {bound} s for {model.name}")
-    if any(c <= 0 for c in req.interval_cut):
-        raise InvalidInput("interval_cut points must be positive seconds")
+    if req.all_stems:
+        # Spleeter's "accompaniment" source *is* the instrumental: "all" writes it once, as
+        # instrumental (asking for accompaniment by name still works).
+        stems = [s for s in model.stems
+                 if not (s == "accompaniment" and INSTRUMENTAL in model.stems)]
+    else:
+        unknown = [s for s in req.stems if s not in model.stems]
+        if unknown:
+            raise InvalidInput(
+                f"model {model.name} has no stem {', '.join(map(repr, unknown))}; "
+                f"it offers: {', '.join(model.stems)}"
+            )
+        stems = list(dict.fromkeys(req.stems))
+    return Prepared(req, model, stems)
 
 
 def _stem_matrix(model: LoadedModel, stems: list[str]) -> np.ndarray:
@@ -170,7 +148,7 @@ class _SplitWriter:
 def separate_file(
     path: Path,
     out_dir: Path,
-    req: SeparationRequest,
+    req: SeparationRequest | Prepared,
     *,
     progress: ProgressFn | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -186,30 +164,19 @@ def separate_file(
     timings["decode"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = get_model(req.model or config.default_model())
-    validate(req, model)
-    stems = resolve_stems(model, req.stems)
+    prepared = req if isinstance(req, Prepared) else prepare(req)
+    req, model, stems = prepared.request, prepared.model, prepared.stems
     timings["model"] = time.perf_counter() - t0
+
+    separator = _separator(prepared)
+    _check_work(separator, req, info.duration_s)
 
     rate = model.samplerate
     expected = round(info.duration_s * rate) or None
     cuts = sorted({r for c in req.interval_cut if (r := round(c * rate)) > 0})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ext = req.output_format
-    writers: list[_SplitWriter] = []
-    for stem in stems:
-        def make(index: int | None, stem: str = stem) -> Writer:
-            name = stem if index is None else f"{stem}_{index:03d}"
-            return open_writer(out_dir / f"{name}.{ext}", ext, rate, req.channels, req.mp3_bitrate)
-        writers.append(_SplitWriter(make, cuts))
+    writers = _open_writers(out_dir, prepared, cuts)
     matrix = _stem_matrix(model, stems)
 
-    opts = EngineOptions(
-        shifts=req.shifts if model.uses_shifts else min(req.shifts, 1),
-        segment=req.segment, seed=req.seed,
-        overlap=model.default_overlap if req.overlap is None else req.overlap,
-        batch_size=config.env_int("BATCH_SIZE", 4 if model.device.type == "cuda" else 1),
-    )
     stats = DecodeStats()
     max_samples = int(limit * rate) + rate  # the container may under-report its duration
 
@@ -226,7 +193,7 @@ def separate_file(
     t0 = time.perf_counter()
     encode_s = 0.0
     try:
-        for out in Separator(model, opts).run(
+        for out in separator.run(
             blocks(), expected_samples=expected, progress=on_chunk, should_stop=should_stop
         ):
             t1 = time.perf_counter()
@@ -252,11 +219,11 @@ def separate_file(
     if progress is not None:
         progress("encode", 1, 1)
 
-    outputs = []
-    for stem, stem_files in zip(stems, files, strict=True):
-        for i, f in enumerate(stem_files):
-            start = (0 if i == 0 else cuts[i - 1]) / rate
-            outputs.append(StemOutput(stem, f, i if cuts else None, start))
+    outputs = [
+        StemOutput(stem, f, i if cuts else None, (0 if i == 0 else cuts[i - 1]) / rate)
+        for stem, stem_files in zip(stems, files, strict=True)
+        for i, f in enumerate(stem_files)
+    ]
     return SeparationResult(
         model=model.name,
         outputs=outputs,
@@ -265,6 +232,51 @@ def separate_file(
         timings_s={k: round(v, 3) for k, v in timings.items()},
         warnings=stats.warnings,
     )
+
+
+def _shifts(prepared: Prepared) -> int:
+    req, model = prepared.request, prepared.model
+    shifts = model.default_shifts if req.shifts is None else req.shifts
+    # A family without demucs's shift trick (MDX-Net) would only repeat identical passes.
+    return shifts if model.uses_shifts else min(shifts, 1)
+
+
+def _separator(prepared: Prepared) -> Separator:
+    req, model = prepared.request, prepared.model
+    return Separator(model, EngineOptions(
+        shifts=_shifts(prepared),
+        segment=req.segment, seed=req.seed, num_overlap=req.num_overlap,
+        overlap=model.default_overlap if req.overlap is None else req.overlap,
+        batch_size=config.env_int("BATCH_SIZE", model.default_batch_size
+                                  or (4 if model.device.type == "cuda" else 1)),
+    ))
+
+
+def _open_writers(out_dir: Path, prepared: Prepared, cuts: list[int]) -> list[_SplitWriter]:
+    """One writer per stem, each split at ``cuts`` into ``<stem>[_NNN].<ext>`` files."""
+    req, rate = prepared.request, prepared.model.samplerate
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ext = req.output_format
+
+    def opener(stem: str) -> Callable[[int | None], Writer]:
+        return lambda index: open_writer(out_dir / f"{output_name(stem, index)}.{ext}", ext,
+                                         rate, req.channels, req.mp3_bitrate, req.bit_depth)
+
+    return [_SplitWriter(opener(stem), cuts) for stem in prepared.stems]
+
+
+def _check_work(separator: Separator, req: SeparationRequest, duration_s: float) -> None:
+    """Refuse options whose work is out of all proportion to the input (shifts=20,
+    overlap=0.95, a tiny segment) before any of it starts."""
+    work = separator.work_seconds(max(1, round(duration_s * separator.model.samplerate)))
+    budget = max(config.max_work_ratio() * duration_s, config.min_work_budget_s())
+    if work > budget:
+        raise InvalidInput(
+            f"these options would take {work:.0f} s of model work for {duration_s:.1f} s of "
+            f"audio (the limit is {budget:.0f} s): lower shifts ({separator.opts.shifts}) "
+            f"or overlap "
+            f"({req.overlap if req.overlap is not None else 'model default'}), or raise segment "
+            f"({req.segment if req.segment is not None else 'model default'})")
 
 
 def _disk_full(path: Path) -> bool:

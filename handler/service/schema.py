@@ -8,12 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
 
-from handler.core.encode import MP3_BITRATES
-from handler.core.pipeline import SeparationRequest
+from handler.core.request import SeparationRequest, describe_validation
 from handler.errors import InvalidInput
 
 _SECRET_FIELDS = ("accessSecret", "accessId")
@@ -31,8 +30,9 @@ class S3Config(BaseModel):
     prefix: str | None = None  # our extension: key prefix (default BUCKET_PREFIX)
 
 
-class JobInput(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+class JobInput(SeparationRequest):
+    """``job["input"]``: the separation request plus where the audio comes from and where the
+    outputs go."""
 
     # --- audio source: exactly one (an S3 event notification counts as one) ---
     audio_url: str | None = None
@@ -42,49 +42,18 @@ class JobInput(BaseModel):
     EventName: str | None = None  # MinIO's event envelope
     Key: str | None = None
 
-    # --- separation, under demucs's names ---
-    model: str | None = None
-    stems: list[str] = Field(default_factory=lambda: ["instrumental"])
-    output_format: Literal["mp3", "wav", "flac"] = "mp3"
-    mp3_bitrate: int = 192
-    channels: Literal[1, 2] = 1
-    shifts: Annotated[int, Field(ge=0, le=20)] = 1
-    overlap: Annotated[float, Field(ge=0.0, le=0.95)] | None = None  # None: model default
-    segment: Annotated[float, Field(gt=0.5, le=60.0)] | None = None
-    interval_cut: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
-    seed: int = 0
-
     # --- destination ---
     output_urls: dict[str, str] | list[str] | None = None  # caller's presigned PUT URLs
     return_base64: bool = False
 
-    @field_validator("stems", mode="before")
-    @classmethod
-    def _split_stems(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [s.strip() for s in value.split(",") if s.strip()]
-        return value
-
-    @field_validator("interval_cut", mode="before")
-    @classmethod
-    def _split_cuts(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [s for s in re.split(r"[,;\s]+", value) if s]
-        return value
-
-    @field_validator("mp3_bitrate")
-    @classmethod
-    def _bitrate(cls, value: int) -> int:
-        if value not in MP3_BITRATES:
-            raise ValueError(f"must be one of {', '.join(map(str, MP3_BITRATES))}")
-        return value
-
     @model_validator(mode="after")
-    def _one_source(self) -> JobInput:
+    def _one_source(self, info: ValidationInfo) -> JobInput:
         sources = [
             name for name in ("audio_url", "audio_base64", "s3_uri", "Records")
             if getattr(self, name) not in (None, "", [])
         ]
+        if info.context and info.context.get("local_input"):
+            sources.append("a local file (--input-file)")
         if len(sources) != 1:
             found = ", ".join(sources) if sources else "none"
             raise ValueError(
@@ -101,31 +70,22 @@ class JobInput(BaseModel):
         return self
 
     def request(self) -> SeparationRequest:
-        return SeparationRequest(
-            model=self.model,
-            stems=self.stems,
-            output_format=self.output_format,
-            mp3_bitrate=self.mp3_bitrate,
-            channels=self.channels,
-            shifts=self.shifts,
-            overlap=self.overlap,
-            segment=self.segment,
-            interval_cut=list(self.interval_cut),
-            seed=self.seed,
-        )
+        return SeparationRequest.request_of(self)
 
     @property
     def is_s3_event(self) -> bool:
         return bool(self.Records)
 
 
-def parse_job_input(raw: Any) -> JobInput:
+def parse_job_input(raw: Any, *, local_input: bool = False) -> JobInput:
+    """``local_input``: a local run supplies the audio as a file (flow.LocalInput), which
+    counts as the job's one source."""
     if not isinstance(raw, dict):
         raise InvalidInput("job input must be a JSON object")
     try:
-        return JobInput.model_validate(raw)
+        return JobInput.model_validate(raw, context={"local_input": local_input})
     except ValidationError as exc:
-        raise InvalidInput(_describe(exc)) from None
+        raise InvalidInput(describe_validation(exc)) from None
 
 
 def parse_s3_config(raw: Any) -> S3Config | None:
@@ -134,21 +94,7 @@ def parse_s3_config(raw: Any) -> S3Config | None:
     try:
         return S3Config.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidInput("s3Config: " + _describe(exc, secret_safe=True)) from None
-
-
-def _describe(exc: ValidationError, *, secret_safe: bool = False) -> str:
-    """One line per problem, never echoing values (they may be secrets or huge base64)."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False):
-        where = ".".join(str(p) for p in err["loc"]) or "input"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        if secret_safe and any(s in where for s in _SECRET_FIELDS) and err["type"] != "missing":
-            msg = "invalid"
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+        raise InvalidInput("s3Config: " + describe_validation(exc, _SECRET_FIELDS)) from None
 
 
 def decode_base64_audio(text: str, max_bytes: int) -> bytes:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -142,6 +145,22 @@ def check_url(url: str, *, allow_private: bool, resolve_host: bool = True) -> No
 
 # --- connection-time pinning -------------------------------------------------------------
 
+_watch = threading.local()
+
+
+@contextmanager
+def watch_sockets(sink: list[socket.socket]) -> Iterator[None]:
+    """Sockets this thread's guarded sessions connect, while inside, are appended to ``sink``:
+    a watchdog can shut them down to end a read that per-read timeouts never would (a
+    server trickling one byte a second, headers included)."""
+    previous = getattr(_watch, "sink", None)
+    _watch.sink = sink
+    try:
+        yield
+    finally:
+        _watch.sink = previous
+
+
 
 class _GuardedConnectionMixin:
     """Resolve, check and connect to the checked address in one step (see module doc)."""
@@ -167,7 +186,11 @@ class _GuardedConnectionMixin:
             # TLS (SNI, certificate check) reads .host, which is restored before it runs.
             self._dns_host = address
             try:
-                return super()._new_conn()  # type: ignore[misc]
+                sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+                sink = getattr(_watch, "sink", None)
+                if sink is not None:
+                    sink.append(sock)
+                return sock
             except ConnectTimeoutError as e:  # incl. NewConnectionError: try the next one
                 last = e
             finally:

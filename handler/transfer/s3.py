@@ -1,5 +1,5 @@
-"""S3-compatible storage: our own boto3 client (not runpod's rp_upload), presigned URLs,
-PUT to a caller's presigned URL, S3 event parsing and output key layout."""
+"""S3-compatible storage: our own boto3 client (not runpod's rp_upload), uploads, downloads and
+presigned GET URLs. Key layout and event parsing are in ``keys``."""
 
 from __future__ import annotations
 
@@ -10,15 +10,13 @@ import logging
 import os
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import boto3
-import requests
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
@@ -30,8 +28,6 @@ from handler.redact import redact_url, register_secret
 from handler.transfer import netguard
 from handler.transfer.http import (
     DownloadInfo,
-    backoff_delay,
-    describe_network_error,
 )
 
 log = logging.getLogger(__name__)
@@ -43,7 +39,6 @@ TRANSFER_CONFIG = TransferConfig(
     max_concurrency=4,
 )
 MAX_PRESIGN_EXPIRY_S = 7 * 24 * 3600  # SigV4 refuses longer
-RETRY_STATUSES = frozenset({408, 429})
 
 # Endpoints that name the bucket in the host ("virtual-hosted style") on providers known to
 # use it: AWS, Wasabi, Backblaze B2 ("<bucket>.s3[.-]<region>...") and DigitalOcean Spaces.
@@ -266,6 +261,25 @@ def _describe_boto_error(exc: BaseException) -> str:
 # --- upload ------------------------------------------------------------------------------
 
 
+def list_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """Every object key under ``prefix`` (folder markers left out), in key order."""
+    keys: list[str] = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                      Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code")
+        if code in ("NoSuchBucket", "AccessDenied"):
+            raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: {code}") from None
+        raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: "
+                             f"{_describe_boto_error(e)}") from None
+    except BotoCoreError as e:
+        raise DownloadFailed(f"cannot list s3://{bucket}/{prefix}: "
+                             f"{_describe_boto_error(e)}") from None
+    return sorted(keys)
+
+
 def upload_file(
     client: Any,
     path: Path,
@@ -292,6 +306,26 @@ def upload_file(
     log.info("uploaded s3://%s/%s", bucket, key)
 
 
+def check_bucket(client: Any, bucket: str) -> None:
+    """Fail now, not after the work, when ``bucket`` is missing, the credentials are refused or
+    the endpoint is down (a HEAD cannot prove PutObject is allowed: the upload still may fail)."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as e:
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404:
+            raise UploadFailed(f"the output bucket {bucket!r} does not exist (NoSuchBucket)") \
+                from None
+        if status in (401, 403):
+            raise UploadFailed(f"access to the output bucket {bucket!r} was refused (HTTP "
+                               f"{status}): check the credentials") from None
+        raise UploadFailed(f"could not reach the output bucket {bucket!r}: "
+                           f"{_describe_boto_error(e)}") from None
+    except (BotoCoreError, Boto3Error) as e:
+        raise UploadFailed(f"could not reach the output bucket {bucket!r}: "
+                           f"{_describe_boto_error(e)}") from None
+
+
 def presign_get(client: Any, bucket: str, key: str, expires_s: int) -> str:
     """A GET URL for the object valid ``expires_s`` seconds (clamped to SigV4's 7 days)."""
     expires = max(1, min(int(expires_s), MAX_PRESIGN_EXPIRY_S))
@@ -300,77 +334,7 @@ def presign_get(client: Any, bucket: str, key: str, expires_s: int) -> str:
     )
 
 
-def put_presigned(
-    url: str,
-    path: Path,
-    content_type: str,
-    *,
-    retries: int = 3,
-    timeout_s: float | None = None,
-    backoff_s: float | None = None,
-) -> None:
-    """HTTP PUT ``path`` to a caller's presigned URL (streamed from disk).
-
-    Connection errors, 5xx, 408 and 429 are retried ``retries`` times with backoff; other
-    non-2xx statuses raise UploadFailed at once.
-    """
-    timeout_s = config.upload_timeout_s() if timeout_s is None else timeout_s
-    backoff_s = config.retry_backoff_s() if backoff_s is None else backoff_s
-    allow_private = config.allow_private_urls()
-    shown = redact_url(url)
-    try:
-        netguard.check_url(url, allow_private=allow_private)
-    except DownloadFailed as e:  # DNS failure: it is this upload that failed
-        raise UploadFailed(e.message) from None
-    path = Path(path)
-    size = path.stat().st_size
-    headers = {"Content-Type": content_type, "Content-Length": str(size)}
-    if (urlsplit(url).hostname or "").endswith(".blob.core.windows.net"):
-        headers["x-ms-blob-type"] = "BlockBlob"  # Azure SAS URLs refuse a PUT without it
-    attempts = retries + 1
-    problem = "no attempt made"
-    with netguard.guarded_session(allow_private=allow_private) as session:
-        for attempt in range(attempts):
-            try:
-                with path.open("rb") as body:
-                    resp = session.put(url, data=body, headers=headers,
-                                       timeout=(min(10.0, timeout_s), timeout_s),
-                                       allow_redirects=False)
-                with resp:
-                    status, reason = resp.status_code, resp.reason
-                if 200 <= status < 300:
-                    log.info("uploaded %d bytes to %s", size, shown)
-                    return
-                problem = " ".join(filter(None, [f"HTTP {status}", reason, "from", shown]))
-                if status < 500 and status not in RETRY_STATUSES:
-                    raise UploadFailed(f"PUT to presigned URL failed: {problem}")
-            except requests.exceptions.Timeout:
-                problem = f"timed out after {timeout_s:g}s talking to {shown}"
-            except requests.exceptions.RequestException as e:
-                problem = f"{describe_network_error(e)} from {shown}"
-            if attempt + 1 < attempts:
-                delay = backoff_delay(attempt, backoff_s)
-                log.warning("upload attempt %d/%d failed: %s; retrying in %.2fs",
-                            attempt + 1, attempts, problem, delay)
-                time.sleep(delay)
-    raise UploadFailed(
-        f"PUT to presigned URL failed: {problem} (gave up after {attempts} attempts)"
-    )
-
-
 # --- download ----------------------------------------------------------------------------
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key). The key is taken verbatim (no URL decoding)."""
-    if not isinstance(uri, str) or not uri.lower().startswith("s3://"):
-        raise InvalidInput("expected an s3://bucket/key URI")
-    bucket, _, key = uri[5:].partition("/")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}", bucket):
-        raise InvalidInput(f"invalid bucket name in S3 URI: {bucket[:64]!r}")
-    if not key or key.endswith("/"):
-        raise InvalidInput(f"S3 URI names no object: s3://{bucket}/{key}")
-    return bucket, key
 
 
 def download_object(
@@ -409,68 +373,3 @@ def download_object(
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
     return DownloadInfo(path=dest, bytes=got, content_type=head.get("ContentType"))
-
-
-# --- S3 event notifications and key layout -----------------------------------------------
-
-
-def parse_s3_event(payload: dict) -> list[tuple[str, str]]:
-    """(bucket, key) of every ObjectCreated record in an AWS or MinIO S3 event notification.
-
-    Keys arrive URL-encoded ('+' for space); anything that isn't such an event gives [].
-    """
-    if not isinstance(payload, dict) or not isinstance(payload.get("Records"), list):
-        return []
-    top_event = payload.get("EventName")  # MinIO repeats the event name at the top level
-    found: list[tuple[str, str]] = []
-    for record in payload["Records"]:
-        if not isinstance(record, dict) or not isinstance(record.get("s3"), dict):
-            continue
-        event = record.get("eventName") or top_event or ""
-        if not isinstance(event, str) or "ObjectCreated" not in event:
-            continue
-        s3 = record["s3"]
-        bucket = (s3.get("bucket") or {}).get("name")
-        key = (s3.get("object") or {}).get("key")
-        if isinstance(bucket, str) and bucket and isinstance(key, str) and key:
-            pair = (bucket, unquote_plus(key))
-            if pair not in found:
-                found.append(pair)
-    return found
-
-
-def output_key(prefix: str, job_id: str, stem: str, ext: str) -> str:
-    """``{prefix}/{job_id}/{stem}.{ext}``, without empty segments or doubled slashes."""
-    parts = [prefix.strip("/"), job_id.strip("/"), f"{stem}.{ext.lstrip('.')}"]
-    return "/".join(p for p in parts if p)
-
-
-def event_output_key(
-    input_key: str, stem: str, ext: str, output_prefix: str | None = None
-) -> str:
-    """Where an S3-triggered job writes a stem: beside its input, under ``output_prefix``.
-
-    ``uploads/song.mp3`` -> ``uploads/separated/song/instrumental.mp3``.
-    """
-    output_prefix = (config.event_output_prefix() if output_prefix is None
-                     else output_prefix.strip("/"))
-    source = PurePosixPath(input_key)
-    name = source.stem or source.name
-    parent = "" if str(source.parent) == "." else str(source.parent)
-    parts = [parent, output_prefix, name, f"{stem}.{ext.lstrip('.')}"]
-    return "/".join(p for p in parts if p)
-
-
-def is_own_output(key: str, output_prefix: str | None = None) -> bool:
-    """True when ``key`` lies under an ``output_prefix`` folder, i.e. a job wrote it.
-
-    S3 triggers fire on our own uploads too; skipping these keys prevents a loop.
-    """
-    output_prefix = (config.event_output_prefix() if output_prefix is None
-                     else output_prefix.strip("/"))
-    wanted = [s for s in output_prefix.split("/") if s]
-    folders = [s for s in key.split("/") if s][:-1]
-    if not wanted:
-        return False
-    n = len(wanted)
-    return any(folders[i:i + n] == wanted for i in range(len(folders) - n + 1))

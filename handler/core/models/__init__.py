@@ -51,9 +51,17 @@ def _configure_torch() -> None:
 
 
 def get_model(name: str) -> LoadedModel:
-    """The named model, loaded on first use and cached for the life of the process."""
-    if name not in KNOWN_MODELS and onnx_path(name) is None:
-        raise InvalidInput(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}"
+    """The named model, loaded on first use and cached for the life of the process.
+
+    Besides the built-in names, any ``MODELS_DIR/<name>.ckpt`` + ``<name>.yaml`` pair (an MSST
+    checkpoint: BS/Mel-Band RoFormer, MDX23C) and any ``MODELS_DIR/<name>.onnx`` (UVR MDX-Net)
+    is a model by that name."""
+    from handler.core.models import msst
+
+    is_msst = name not in KNOWN_MODELS and msst.is_msst_name(name)
+    if name not in KNOWN_MODELS and not is_msst and onnx_path(name) is None:
+        known = ", ".join(KNOWN_MODELS + tuple(msst.available()))
+        raise InvalidInput(f"unknown model {name!r}; known models: {known}"
                            " (or an MDX-Net model: MODELS_DIR/<name>.onnx)")
     with _lock:
         if name in _cache:
@@ -64,7 +72,9 @@ def get_model(name: str) -> LoadedModel:
         _configure_torch()
         device = pick_device()
         started = time.perf_counter()
-        if name in SPLEETER_MODELS:
+        if is_msst:
+            model = msst.load_msst(name, device)
+        elif name in SPLEETER_MODELS:
             from handler.core.models.spleeter import load_spleeter
 
             model = load_spleeter(device)

@@ -62,6 +62,9 @@ class LoadedModel:
     members: list[Member]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     default_overlap: float = 0.25  # demucs's; a job's ``overlap`` overrides it
+    # demucs's shift trick is on by default; families whose reference runs none (MSST) say 0.
+    default_shifts: int = 1
+    default_batch_size: int | None = None  # chunks per forward; None: BATCH_SIZE's default
     precision: str = "fp32"  # one of PRECISIONS (the PRECISION setting)
     # demucs's shift trick; False: the family has none, a job's shifts > 1 would only repeat
     # identical passes (the pipeline runs one).
@@ -70,6 +73,13 @@ class LoadedModel:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return PRECISIONS[self.precision]
+
+    @property
+    def max_segment(self) -> float | None:
+        """Longest chunk (seconds) every member can run: networks that only run on their
+        training window (HTDemucs) cannot take longer ones."""
+        limits = [m.segment_length / self.samplerate for m in self.members if m.pad_to_segment]
+        return min(limits) if limits else None
 
     @property
     def stems(self) -> list[str]:

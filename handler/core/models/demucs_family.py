@@ -25,7 +25,14 @@ DEMUCS_MODELS = (
 
 
 def _bake_hint(name: str) -> str:
-    return f"bake it with `python builder/bake_models.py --models {name}` (build arg MODELS={name})"
+    # --dest spelled out: the folder this process reads, whatever MODELS_DIR says.
+    return (f"bake it with `python builder/bake_models.py --models {name} --dest "
+            f"{models_dir()}` (image build arg MODELS={name})")
+
+
+def _no_diffq(name: str) -> str:
+    return (f"model {name!r} is quantized and needs diffq, which is not installed (the images "
+            "install the wheel builder/build_diffq.sh builds)")
 
 
 def load_demucs(name: str, device: torch.device) -> LoadedModel:
@@ -50,8 +57,12 @@ def load_demucs(name: str, device: torch.device) -> LoadedModel:
         raise ModelUnavailable(
             f"model {name!r} cannot be loaded ({exc}); {_bake_hint(name)}") from None
     except ImportError as exc:
+        if "diffq" in str(exc):
+            raise ModelUnavailable(_no_diffq(name)) from None
         raise ModelUnavailable(
             f"model {name!r} needs a package that is not installed ({exc})") from None
+    except SystemExit:  # demucs's set_state exits the process when it finds no diffq
+        raise ModelUnavailable(_no_diffq(name)) from None
     model.eval()
 
     networks = list(model.models) if isinstance(model, BagOfModels) else [model]
@@ -78,8 +89,3 @@ def load_demucs(name: str, device: torch.device) -> LoadedModel:
         device=device,
     )
 
-
-def max_segment(model: LoadedModel) -> float | None:
-    """HTDemucs cannot run on chunks longer than its training segment."""
-    limits = [m.segment_length / model.samplerate for m in model.members if m.pad_to_segment]
-    return min(limits) if limits else None

@@ -1,4 +1,4 @@
-"""Deterministic synthetic song with known stems, for separation / decode / pipeline tests.
+"""Deterministic synthetic songs with known stems (tests, bench, demo, samples), and writers.
 
 A harmonic "voice" (vibrato melody, vowel formants, syllable envelope, a little breath noise)
 panned centre over synthesized drums, bass and chords. Everything is vectorised numpy, so ten
@@ -6,6 +6,9 @@ seconds take well under a second to build.
 """
 
 from __future__ import annotations
+
+import io
+from pathlib import Path
 
 import numpy as np
 
@@ -170,3 +173,32 @@ def make_mixture(seconds: float, seed: int = 0, sr: int = 44100) -> dict[str, np
     vocals32 = (vocals * scale).astype(np.float32)
     inst32 = (inst * scale).astype(np.float32)
     return {"mixture": vocals32 + inst32, "vocals": vocals32, "instrumental": inst32}
+
+
+def write_audio(path: Path, audio: np.ndarray, rate: int = 44100, fmt: str | None = None,
+                subtype: str | None = None) -> int:
+    """Write (channels, n) float audio as ``fmt`` (default: the path's suffix): MP3 through the
+    worker's own gapless writer, WAV/FLAC through soundfile. Returns the number of samples."""
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt == "mp3":
+        from handler.core.encode import open_writer
+
+        writer = open_writer(path, "mp3", rate, audio.shape[0], 192)
+        writer.write(audio)
+        writer.close()
+    else:
+        import soundfile as sf
+
+        sf.write(str(path), audio.T, rate, format=fmt.upper(), subtype=subtype)
+    return audio.shape[1]
+
+
+def audio_bytes(audio: np.ndarray, rate: int = 44100, fmt: str = "wav",
+                subtype: str | None = None) -> bytes:
+    """(channels, n) float audio as the bytes of a WAV/FLAC file."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, audio.T, rate, format=fmt.upper(), subtype=subtype)
+    return buf.getvalue()

@@ -1,4 +1,5 @@
-"""Real local servers for tests: a scriptable HTTP server and an S3 server (moto).
+"""Real local servers for tests, the bench and the demo: a scriptable HTTP server and S3
+servers (moto; s3rver, which also refuses expired presigned URLs).
 
 Both bind 127.0.0.1 on a free port. Code under test reaches them over real sockets, so
 redirects, timeouts, truncated bodies and resets behave exactly as on the network.
@@ -293,6 +294,9 @@ class LocalS3Server:
         self._client: Any = None
 
     def start(self) -> LocalS3Server:
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
@@ -300,6 +304,15 @@ class LocalS3Server:
 
     def stop(self) -> None:
         self._server.stop()
+
+    def __enter__(self) -> LocalS3Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def bucket_env(self, bucket: str) -> dict[str, str]:
+        return bucket_env(self.endpoint_url, bucket)
 
     def client(self, **config: Any) -> Any:
         """A boto3 client for this server (path-style, dummy credentials); shared when
@@ -328,7 +341,7 @@ class LocalS3Server:
         return name
 
     def settings(self, bucket: str, **overrides: Any) -> Any:
-        """handler.storage.S3Settings pointing at this server and ``bucket``."""
+        """handler.transfer.s3.S3Settings pointing at this server and ``bucket``."""
         from handler.transfer.s3 import S3Settings
 
         values: dict[str, Any] = {
@@ -344,6 +357,20 @@ class LocalS3Server:
         return S3Settings(**values)
 
 
+def bucket_env(endpoint_url: str, bucket: str) -> dict[str, str]:
+    """The worker's ``BUCKET_*`` settings for ``bucket`` at ``endpoint_url`` with moto's dummy
+    credentials, and the same as ``AWS_*`` so nothing can reach real AWS. (Presigned URLs of a
+    local server are on 127.0.0.1: jobs fetching them also need ALLOW_PRIVATE_URLS.)"""
+    key, secret = LocalS3Server.access_key_id, LocalS3Server.secret_access_key
+    return {
+        "BUCKET_ENDPOINT_URL": endpoint_url, "BUCKET_NAME": bucket,
+        "BUCKET_ACCESS_KEY_ID": key, "BUCKET_SECRET_ACCESS_KEY": secret,
+        "BUCKET_REGION": LocalS3Server.region,
+        "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": LocalS3Server.region,
+    }
+
+
 # --- S3 server that enforces presigned-URL expiry (s3rver, npm) ---------------------------
 
 S3RVER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "s3rver")
@@ -351,7 +378,7 @@ S3RVER_JS = os.path.join(S3RVER_DIR, "node_modules", "s3rver", "bin", "s3rver.js
 
 
 class LocalS3rver:
-    """s3rver (pinned in tests/s3rver/package-lock.json; ``npm ci --prefix tests/s3rver``)
+    """s3rver (pinned in devtools/s3rver/package-lock.json; ``npm ci --prefix devtools/s3rver``)
     on 127.0.0.1. Unlike moto it checks signatures and refuses expired presigned URLs.
     Credentials are s3rver's fixed ``S3RVER``/``S3RVER``."""
 
@@ -365,7 +392,7 @@ class LocalS3rver:
         if shutil.which("node") is None:
             return "node is not installed"
         if not os.path.isfile(S3RVER_JS):
-            return "s3rver is not installed: run `npm ci --prefix tests/s3rver`"
+            return "s3rver is not installed: run `npm ci --prefix devtools/s3rver`"
         return None
 
     def __init__(self, bucket: str = "inbox") -> None:
