@@ -10,7 +10,7 @@ UVR's "tdf_extra" nets) with Inst_HQ_4's exact I/O and STFT settings (n_fft 5120
 dim_t 256, compensate 1.019 — its entry in KNOWN_HASHES) and about its file size (59 MB);
 speed and memory do not depend on the weights' values. Both sides run the same .onnx file
 on the same float WAV (peak 1.0, so audio-separator's gain stages are no-ops: see
-tests/mdx_helpers.run_oracle) and each runs in a fresh process; peak RSS is its
+devtools/mdx.run_oracle) and each runs in a fresh process; peak RSS is its
 ``ru_maxrss``. Ours runs as the images run it (tcmalloc preloaded, the CLI writing 16-bit
 WAV stems); theirs as its Python API with use_soundfile (float WAV stems).
 """
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/mdx-bench"))
 NAME = "bench_hq4"
 HQ4 = "0f2a6bc5b49d87d64728ee40e23bceb1"
@@ -102,7 +102,7 @@ def conv_tdf_net(dim_f: int, g: int = 48, scales: int = 5, layers: int = 3, bn: 
 
 
 def export(models: Path) -> Path:
-    from mdx_helpers import export_onnx
+    from devtools.mdx import export_onnx
 
     data = hq4_data()
     path = models / f"{NAME}.onnx"
@@ -115,7 +115,8 @@ def export(models: Path) -> Path:
 def write_wav(path: Path, seconds: float) -> None:
     import numpy as np
     import soundfile as sf
-    from mdx_helpers import mix_signal
+
+    from devtools.mdx import mix_signal
 
     if path.exists():
         return
@@ -145,7 +146,8 @@ def case_ours(wav: str, out: str) -> dict:
 
 def case_theirs(wav: str, out: str) -> dict:
     import soundfile as sf
-    from mdx_helpers import run_oracle
+
+    from devtools.mdx import run_oracle
 
     started = time.perf_counter()
     stems = run_oracle(WORK / "models" / f"{NAME}.onnx", hq4_data(), Path(wav), Path(out))
@@ -227,12 +229,13 @@ def cpu_info() -> dict:
 
 
 def snr(ref_path: Path, est_path: Path) -> float:
-    import numpy as np
     import soundfile as sf
+
+    from devtools.metrics import snr_db
 
     ref, _ = sf.read(ref_path, dtype="float64")
     est, _ = sf.read(est_path, dtype="float64")
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - est) ** 2), 1e-300)))
+    return snr_db(ref, est)
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """MDX-Net on ONNX Runtime (handler/core/models/mdx_net.py) against audio-separator 0.47.1.
 
-Random-weight ONNX models with UVR's I/O convention (tests/mdx_helpers.py); the oracle is
+Random-weight ONNX models with UVR's I/O convention (devtools/mdx.py); the oracle is
 audio-separator's own ``Separator`` on the same WAV file. Our output is streamed through the
 engine in small decoded blocks and must be ≥ 60 dB SNR from the oracle's (measured: ~145 dB,
-float rounding). See mdx_helpers.run_oracle for why its gain stages are no-ops here.
+float rounding). See devtools.mdx.run_oracle for why its gain stages are no-ops here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from mdx_helpers import mix_signal, model_data, run_oracle, snr_db, write_model
 
+from devtools.mdx import mix_signal, model_data, run_oracle, write_model
+from devtools.metrics import snr_db
 from handler.core.chunking import DONE, ChunkSettings
 from handler.core.engine import EngineOptions, separate_array
 from handler.core.models import get_model, unload_all

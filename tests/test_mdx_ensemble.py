@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from mdx_helpers import mix_signal, model_data, oracle_demix, snr_db, write_model
 
+from devtools.mdx import mix_signal, model_data, oracle_demix, write_model
+from devtools.metrics import snr_db
 from handler.core.engine import EngineOptions, separate_array
 from handler.core.models import get_model, unload_all
 from handler.core.models.ensemble import presets

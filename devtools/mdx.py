@@ -84,11 +84,6 @@ def mix_signal(seconds: float, seed: int, rate: int = 44100) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def snr_db(ref: np.ndarray, est: np.ndarray) -> float:
-    err = np.sum((ref.astype(np.float64) - est) ** 2)
-    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(err, 1e-300)))
-
-
 def _stub_onnx2torch() -> None:
     """audio-separator's mdx_separator imports onnx2torch at module level but uses it only
     when segment_size != dim_t (never here: ONNX Runtime runs the model). onnx2torch imports
