@@ -278,7 +278,7 @@ def test_ctrl_c_cancels_the_jobs_in_flight(server, tmp_path: Path) -> None:
             time.sleep(0.2)
         assert len(ids) == 2, log.read_text()  # bounded: 2 in flight, the third not sent
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        proc.wait(180)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -286,7 +286,7 @@ def test_ctrl_c_cancels_the_jobs_in_flight(server, tmp_path: Path) -> None:
     assert proc.returncode == 130, log.read_text()
     assert "interrupted by SIGINT" in log.read_text()
     for job_id in ids:
-        assert client.wait(job_id, timeout_s=60)["status"] == "CANCELLED"
+        assert client.wait(job_id, timeout_s=180)["status"] == "CANCELLED"
 
 
 def test_an_s3_prefix_is_read_with_the_workers_credentials(env, s3_server, fast_local_network,
