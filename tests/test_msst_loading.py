@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from devtools import msst as ms
-from handler.core.models import get_model, msst, unload_all
+from handler.core.models import get_model, msst, msst_chunking, unload_all
 from handler.core.models.msst_chunking import PaddedSumRule, RoformerRule, hamming
 from handler.errors import InvalidInput, ModelUnavailable
 
@@ -253,3 +253,25 @@ def test_half_precision_path_keeps_spectra_in_float32(tmp_path, base, arch):
             half = net(x)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert ms.snr_db(full.numpy(), half.numpy()) > 15
+
+
+def test_job_options_reach_the_rule():
+    """num_overlap (a count) and segment (rounded to what the network takes) from a job."""
+    from handler.core.chunking import ChunkSettings
+
+    for cfg in (ms.BS_1297, ms.MDX23C_INSTVOC):
+        spec = msst.spec_of(cfg, msst.architecture(cfg))
+        make = msst_chunking.chunker_for(spec)
+        default = make(None, ChunkSettings(spec.chunk, 0.25))
+        assert default.chunk == spec.chunk and default.prefix >= 0
+        assert default.chunk // (default.step if hasattr(default, "step") else default.hop) \
+            == spec.num_overlap
+        rule = make(None, ChunkSettings(5 * 44100, 0.25, num_overlap=3, shift_prefix=7))
+        hop = rule.step if hasattr(rule, "step") else rule.hop
+        assert rule.chunk % spec.hop == 0 and abs(rule.chunk - 5 * 44100) <= 16 * spec.hop
+        assert hop == rule.chunk // 3
+        if spec.time_multiple > 1:
+            assert (rule.chunk // spec.hop + 1) % spec.time_multiple == 0
+            assert rule.prefix == 7 + rule.chunk - hop
+        else:
+            assert rule.prefix == 7
