@@ -17,8 +17,11 @@ import glob
 import json
 import os
 import shutil
+import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit
@@ -269,6 +272,36 @@ def place(src: Path, dest: Path) -> None:
     part = dest.with_name(f".{dest.name}.part")
     shutil.move(str(src), part)
     os.replace(part, dest)
+
+
+def run_pool(items: list[Item], one: Callable[[Item], Outcome], workers: int,
+             manifest: Manifest, bar, *, name: str, line: Callable[[Outcome], str],
+             on_interrupt: Callable[[], None]) -> list[Outcome]:
+    """``one(item)`` for every item on up to ``workers`` threads, each outcome recorded and
+    shown as it finishes. An interrupt drops what has not started, calls ``on_interrupt``
+    (stop the running ones at their next step), waits for them, then re-raises."""
+    results: list[Outcome] = []
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    pending: set[Future] = set()
+    try:
+        pending = {pool.submit(one, item) for item in items}
+        while pending:
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                outcome = fut.result()
+                results.append(outcome)
+                manifest.record(outcome)
+                bar.update(1)
+                bar.write(line(outcome) + (f"  {outcome.error}" if outcome.error else ""),
+                          file=sys.stderr)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        on_interrupt()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
 
 
 def summary_table(outcomes: list[Outcome]) -> str:

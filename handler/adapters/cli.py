@@ -21,7 +21,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from handler.adapters import batch
@@ -280,7 +279,6 @@ def _run_local_batch(items: list[Item], prepared: Prepared, plan: Plan, manifest
     """Up to ``jobs`` files at once in threads sharing the one loaded model. An interrupt
     stops every file at its next chunk (its temporary folder removed), then re-raises."""
     stop = threading.Event()
-    results: list[Outcome] = []
 
     def one(item: Item) -> Outcome:
         started = time.perf_counter()
@@ -294,27 +292,9 @@ def _run_local_batch(items: list[Item], prepared: Prepared, plan: Plan, manifest
             return Outcome(item.source, status, error=str(err),
                            seconds=time.perf_counter() - started)
 
-    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="separate")
-    pending: set[Future] = set()
-    try:
-        pending = {pool.submit(one, item) for item in items}
-        while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                outcome = fut.result()
-                results.append(outcome)
-                manifest.record(outcome)
-                bar.update(1)
-                bar.write(f"{outcome.status:>9} {outcome.seconds:6.1f} s  {outcome.source}"
-                          + (f"  {outcome.error}" if outcome.error else ""), file=sys.stderr)
-    except BaseException:
-        stop.set()
-        for fut in pending:
-            fut.cancel()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-    return results
+    return batch.run_pool(
+        items, one, jobs, manifest, bar, name="separate", on_interrupt=stop.set,
+        line=lambda o: f"{o.status:>9} {o.seconds:6.1f} s  {o.source}")
 
 
 def fetch_input(source: str, tmp: Path) -> Path:

@@ -21,18 +21,16 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from handler.adapters.batch import Item, Manifest, Outcome, Plan, place
-from handler.adapters.remote import _typed
+from handler.adapters.batch import Item, Manifest, Outcome, Plan, place, run_pool
+from handler.adapters.remote import _typed, fetch_output
 from handler.core.request import SeparationRequest
 from handler.errors import (
     Cancelled,
-    DownloadFailed,
     InternalError,
     InvalidInput,
     WorkerError,
@@ -142,18 +140,6 @@ def _reattach(client: EndpointClient, previous: dict | None,
     return job_id if state.get("status") not in ("CANCELLED", "FAILED", "TIMED_OUT") else None
 
 
-def _download(url: str, dest_tmp: Path, session: requests.Session) -> None:
-    if url.startswith("data:"):
-        dest_tmp.write_bytes(base64.b64decode(url.split(",", 1)[1]))
-        return
-    with session.get(url, stream=True, timeout=60) as resp:
-        if resp.status_code != 200:
-            raise DownloadFailed(f"HTTP {resp.status_code} fetching an output")
-        with open(dest_tmp, "wb") as f:
-            for block in resp.iter_content(1 << 20):
-                f.write(block)
-
-
 def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequest,
                manifest: Manifest, bar: Any, *, concurrency: int = 4,
                poll_s: float = 1.0) -> list[Outcome]:
@@ -201,7 +187,7 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
                 tmp = dest.with_name(f".{dest.name}.download")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    _download(out.get("url") or "", tmp, client.session)
+                    fetch_output(out.get("url") or "", tmp, dest.name, client.session)
                     place(tmp, dest)
                 finally:
                     tmp.unlink(missing_ok=True)
@@ -213,31 +199,15 @@ def run_fanout(endpoint: str, items: list[Item], plan: Plan, req: SeparationRequ
             return Outcome(item.source, status, error=str(as_worker_error(exc)),
                            seconds=time.perf_counter() - started, job_id=job_id)
 
-    results: list[Outcome] = []
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
-    pending: set[Future] = set()
-    try:
-        pending = {pool.submit(one, item) for item in items}
-        while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                outcome = fut.result()
-                results.append(outcome)
-                manifest.record(outcome)
-                bar.update(1)
-                bar.write(f"{outcome.status:>9} {outcome.job_id or '-'}  "
-                          f"{outcome.seconds:6.1f} s  {outcome.source}"
-                          + (f"  {outcome.error}" if outcome.error else ""), file=sys.stderr)
-    except BaseException:
+    def cancel_in_flight() -> None:
         stop.set()
-        for fut in pending:
-            fut.cancel()
         with lock:
             jobs = list(in_flight)
         for job_id in jobs:  # best effort, once each: the user is waiting to exit
             with contextlib.suppress(requests.RequestException):
                 client.session.post(f"{client.base}/cancel/{job_id}", json={}, timeout=10)
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return results
+
+    return run_pool(items, one, concurrency, manifest, bar, name="job",
+                    on_interrupt=cancel_in_flight,
+                    line=lambda o: f"{o.status:>9} {o.job_id or '-'}  {o.seconds:6.1f} s  "
+                                   f"{o.source}")

@@ -139,17 +139,21 @@ def _download_outputs(final: dict, out_dir: Path) -> list[Path]:
     for output in final.get("outputs", []):
         name = output_name(output.get("stem", "output"), output.get("interval"))
         dest = out_dir / f"{name}.{output.get('format', 'mp3')}"
-        url = output.get("url") or ""
-        if url.startswith("data:"):
-            import base64
-
-            dest.write_bytes(base64.b64decode(url.split(",", 1)[1]))
-        else:
-            with requests.get(url, stream=True, timeout=60) as resp:
-                if resp.status_code != 200:
-                    raise DownloadFailed(f"HTTP {resp.status_code} fetching output {name}")
-                with open(dest, "wb") as f:
-                    for block in resp.iter_content(1 << 20):
-                        f.write(block)
+        fetch_output(output.get("url") or "", dest, name)
         paths.append(dest)
     return paths
+
+
+def fetch_output(url: str, dest: Path, name: str, session: Any = requests) -> None:
+    """Save one output of a finished job (an http(s) or ``data:`` URL) at ``dest``."""
+    if url.startswith("data:"):
+        import base64
+
+        dest.write_bytes(base64.b64decode(url.split(",", 1)[1]))
+        return
+    with session.get(url, stream=True, timeout=60) as resp:
+        if resp.status_code != 200:
+            raise DownloadFailed(f"HTTP {resp.status_code} fetching output {name}")
+        with open(dest, "wb") as f:
+            for block in resp.iter_content(1 << 20):
+                f.write(block)
