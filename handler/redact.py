@@ -10,7 +10,7 @@ import hashlib
 import logging
 import re
 import threading
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 REDACTED = "<redacted>"
 
@@ -51,16 +51,24 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
-def redact_url(url: str) -> str:
-    """``url`` without userinfo, query string and fragment: safe to log or show a caller."""
+def _without_userinfo(url: str) -> tuple[SplitResult, str] | None:
+    """(the URL's parts, its host[:port] without userinfo), or None if it does not parse."""
     try:
         parts = urlsplit(str(url))
         host = parts.hostname or ""
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
-        netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    except ValueError:  # e.g. an invalid port: show nothing rather than something secret
+        return parts, (f"{host}:{parts.port}" if parts.port is not None else host)
+    except ValueError:
+        return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without userinfo, query string and fragment: safe to log or show a caller."""
+    split = _without_userinfo(url)
+    if split is None:  # e.g. an invalid port: show nothing rather than something secret
         return REDACTED
+    parts, netloc = split
     shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
     # Callers control the path: keep error messages and log lines bounded.
     return shown if len(shown) <= _MAX_SHOWN else shown[: _MAX_SHOWN - 3] + "..."
@@ -72,14 +80,10 @@ def log_url(url: str) -> str:
     Share links carry their token in the path (``/s/<token>/file``), so even a redacted URL
     is a credential there; the hash still tells two URLs apart when reading logs.
     """
-    try:
-        parts = urlsplit(str(url))
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    except ValueError:
+    split = _without_userinfo(url)
+    if split is None:
         return REDACTED
+    parts, netloc = split
     base = f"{parts.scheme}://{netloc}"
     if parts.path in ("", "/"):
         return base + "/"
