@@ -258,3 +258,28 @@ class WebhookReceiver:
             assert time.monotonic() < deadline, f"{len(self.received)} of {n} deliveries"
             time.sleep(0.05)
         return list(self.received)
+
+
+@contextmanager
+def server_test_env() -> Iterator[None]:
+    """What every server test runs under: loopback URLs allowed (audio, webhooks), one torch
+    thread (the machine is shared), frequent progress items."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ALLOW_PRIVATE_URLS", "1")
+        mp.setenv("TORCH_THREADS", "1")
+        mp.setenv("PROGRESS_INTERVAL_S", "0.2")
+        yield
+
+
+@contextmanager
+def running_server(data_dir: Path) -> Iterator[ThreadServer]:
+    """An in-process server on DATA_DIR ``data_dir``, stopped on exit."""
+    srv = ThreadServer(data_dir, shutdown_grace_s=1.0)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+

@@ -18,6 +18,7 @@ from server_helpers import (
     ProcServer,
     WebhookReceiver,
     long_wav,
+    server_test_env,
     short_input,
     thread_server,
 )
@@ -28,10 +29,7 @@ from devtools.servers import LocalHTTPServer, Serve
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALLOW_PRIVATE_URLS", "1")
-        mp.setenv("TORCH_THREADS", "1")
-        mp.setenv("PROGRESS_INTERVAL_S", "0.2")
+    with server_test_env():
         yield
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from server_helpers import Client, ThreadServer, WebhookReceiver
+from server_helpers import Client, ThreadServer, WebhookReceiver, running_server, server_test_env
 from worker_helpers import check_audio, fetch, input_bytes, write_input
 
 from devtools.servers import LocalHTTPServer, Serve
@@ -53,20 +53,14 @@ GPU_JOBS = "curl http://localhost:8185/jobs"
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALLOW_PRIVATE_URLS", "1")
-        mp.setenv("TORCH_THREADS", "1")
+    with server_test_env():
         yield
 
 
 @pytest.fixture(scope="module")
 def server(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
-    srv = ThreadServer(tmp_path_factory.mktemp("data"), shutdown_grace_s=1.0)
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("data")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from server_helpers import Client, ThreadServer, long_wav, short_input
+from server_helpers import (
+    Client,
+    ThreadServer,
+    long_wav,
+    running_server,
+    server_test_env,
+    short_input,
+)
 from worker_helpers import check_audio, check_final, check_progress, fetch, input_bytes
 
 from devtools.servers import LocalHTTPServer, Serve
@@ -20,10 +27,7 @@ SHORT_SAMPLES = int(SHORT_S * 44100)
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ALLOW_PRIVATE_URLS", "1")  # the audio server and webhooks are on loopback
-        mp.setenv("TORCH_THREADS", "1")
-        mp.setenv("PROGRESS_INTERVAL_S", "0.2")
+    with server_test_env():
         yield
 
 
@@ -40,12 +44,8 @@ def audio(env: None) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
-    srv = ThreadServer(tmp_path_factory.mktemp("data"), shutdown_grace_s=1.0)
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("data")) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
