@@ -283,3 +283,16 @@ def running_server(data_dir: Path) -> Iterator[ThreadServer]:
     finally:
         srv.stop()
 
+
+@contextmanager
+def audio_server(short_s: float, long_s: float) -> Iterator[dict[str, str]]:
+    """URLs of a short clip and a long one, served from 127.0.0.1 until exit."""
+    from devtools.servers import LocalHTTPServer, Serve
+
+    server = LocalHTTPServer().start()
+    try:
+        yield {"short": server.route("/short.wav", Serve(input_bytes(short_s)[0])),
+               "long": server.route("/long.wav", Serve(long_wav(long_s)))}
+    finally:
+        server.stop()
+

@@ -50,6 +50,7 @@ from worker_helpers import (
     check_error,
     check_final,
     fetch,
+    fresh_work_dir,
     input_bytes,
     run_good_job,
     run_in_process,
@@ -122,16 +123,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Media:
 
 @pytest.fixture(autouse=True)
 def work_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fast_local_network: None) -> Path:
-    for name in ("DEFAULT_MODEL", "MAX_DURATION_S", "MODELS_DIR", "MAX_DOWNLOAD_MB",
-                 "MAX_BASE64_INPUT_MB", "PROGRESS_INTERVAL_S", "DOWNLOAD_DEADLINE_S",
-                 "DOWNLOAD_MIN_RATE_KBPS"):
-        monkeypatch.delenv(name, raising=False)
-    for name in [n for n in os.environ if n.startswith("BUCKET_")]:
-        monkeypatch.delenv(name)
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.setenv("WORK_DIR", str(work))
-    return work
+    return fresh_work_dir(monkeypatch, tmp_path, "DEFAULT_MODEL", "MAX_DURATION_S", "MODELS_DIR",
+                          "MAX_DOWNLOAD_MB", "MAX_BASE64_INPUT_MB", "PROGRESS_INTERVAL_S",
+                          "DOWNLOAD_DEADLINE_S", "DOWNLOAD_MIN_RATE_KBPS", keep_bucket=False)
 
 
 # --- a server that trickles -------------------------------------------------------------

@@ -17,14 +17,12 @@ from server_helpers import (
     TERMINAL,
     ProcServer,
     WebhookReceiver,
-    long_wav,
+    audio_server,
     server_test_env,
     short_input,
     thread_server,
 )
-from worker_helpers import fetch, input_bytes
-
-from devtools.servers import LocalHTTPServer, Serve
+from worker_helpers import fetch
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +33,8 @@ def env() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def audio(env: None) -> Iterator[dict[str, str]]:
-    server = LocalHTTPServer().start()
-    try:
-        yield {"short": server.route("/short.wav", Serve(input_bytes(0.5)[0])),
-               "long": server.route("/long.wav", Serve(long_wav(60.0)))}
-    finally:
-        server.stop()
+    with audio_server(0.5, 60.0) as urls:
+        yield urls
 
 
 def db_status(data: Path) -> dict[str, tuple[str, int]]:

@@ -12,14 +12,12 @@ import requests
 from server_helpers import (
     Client,
     ThreadServer,
-    long_wav,
+    audio_server,
     running_server,
     server_test_env,
     short_input,
 )
-from worker_helpers import check_audio, check_final, check_progress, fetch, input_bytes
-
-from devtools.servers import LocalHTTPServer, Serve
+from worker_helpers import check_audio, check_final, check_progress, fetch
 
 SHORT_S = 0.5
 SHORT_SAMPLES = int(SHORT_S * 44100)
@@ -34,12 +32,8 @@ def env() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def audio(env: None) -> Iterator[dict[str, str]]:
     """URLs of a short clip and of a long one (120 s: ten chunks, for cancel/timeout)."""
-    server = LocalHTTPServer().start()
-    try:
-        yield {"short": server.route("/short.wav", Serve(input_bytes(SHORT_S)[0])),
-               "long": server.route("/long.wav", Serve(long_wav(120.0)))}
-    finally:
-        server.stop()
+    with audio_server(SHORT_S, 120.0) as urls:
+        yield urls
 
 
 @pytest.fixture(scope="module")
