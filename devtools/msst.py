@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -136,14 +134,12 @@ def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 # -- the oracle -------------------------------------------------------------------------------
 def _oracle_package() -> None:
-    if "audio_separator.separator" in sys.modules:
-        return
-    import audio_separator
+    """Import audio-separator's package as its users do (its ``__init__`` included), so that
+    the MDX oracle (devtools/mdx.py) finds the same modules whichever runs first."""
+    from devtools.mdx import _stub_onnx2torch
 
-    root = Path(audio_separator.__file__).parent / "separator"
-    pkg = types.ModuleType("audio_separator.separator")
-    pkg.__path__ = [str(root)]  # submodules import; the package __init__ does not run
-    sys.modules["audio_separator.separator"] = pkg
+    _stub_onnx2torch()
+    import audio_separator.separator  # noqa: F401
 
 
 def oracle_network(ckpt: Path, cfg_path: Path) -> tuple[torch.nn.Module, dict]:
