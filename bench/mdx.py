@@ -186,8 +186,12 @@ def case_tune(configs: list[dict]) -> dict:
     return {"rows": rows}
 
 
+def case_tune_one(cfg: dict) -> dict:
+    return case_tune([cfg])["rows"][0]
+
+
 def child_main(mode: str, args: dict) -> None:
-    fn = {"ours": case_ours, "theirs": case_theirs, "tune": case_tune}[mode]
+    fn = {"ours": case_ours, "theirs": case_theirs, "tune": case_tune_one}[mode]
     out = fn(**args)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent.
     status = Path("/proc/self/status").read_text().splitlines()
@@ -197,7 +201,7 @@ def child_main(mode: str, args: dict) -> None:
 
 def child(mode: str, **kw) -> dict:
     env = dict(os.environ)
-    if mode == "ours":
+    if mode == "ours" or kw.pop("tcmalloc_preload", False):
         from run import tcmalloc
 
         preload = tcmalloc()
@@ -267,12 +271,18 @@ def main() -> None:
         configs = [dict(threads=t, opt=o, arena=a, batch=1) for t, o, a in base]
         configs += [dict(threads=quota, opt="ORT_ENABLE_ALL", arena=True, batch=b)
                     for b in args.batches if b > 1]
-        tune = child("tune", configs=configs)
-        report["tune"] = tune["rows"]
-        print("ONNX Runtime options, one [b, 4, 2560, 256] call (s per chunk):")
-        for r in tune["rows"]:
+        rows = [child("tune", cfg=c) for c in configs]  # one process each: peak RSS per row
+        # The arena's cost depends on the allocator under it: the images preload tcmalloc.
+        arenas = [dict(threads=quota, opt="ORT_ENABLE_ALL", arena=a, batch=1)
+                  for a in (True, False)]
+        rows += [{**r, "allocator": "tcmalloc"}
+                 for r in (child("tune", tcmalloc_preload=True, cfg=c) for c in arenas)]
+        report["tune"] = rows
+        print("ONNX Runtime options, one [b, 4, 2560, 256] call (s per chunk, peak RSS):")
+        for r in rows:
             print(f"  threads={r['threads']} {r['opt']:<17} arena={r['arena']!s:<5} "
-                  f"batch={r['batch']}: {r['s_per_chunk']:.2f}")
+                  f"batch={r['batch']} {r.get('allocator', 'glibc'):<8}: "
+                  f"{r['s_per_chunk']:.2f} s, {r['maxrss_mb']:.0f} MB")
 
     for i, seconds in enumerate(durations):
         wav = WORK / f"mix_{int(seconds)}.wav"
