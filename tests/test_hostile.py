@@ -139,11 +139,14 @@ class TrickleServer:
     GIVE_UP_S = 20.0
 
     def __init__(self, body: bytes, *, interval_s: float, piece: int = 1,
-                 slow_head: bool = False, headers: dict[str, str] | None = None) -> None:
+                 slow_head: bool = False, headers: dict[str, str] | None = None,
+                 content_length: bool = True) -> None:
         self.body, self.interval_s, self.piece, self.slow_head = body, interval_s, piece, slow_head
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        if content_length:  # else the body ends when the connection closes
+            extra = f"Content-Length: {len(body)}\r\n{extra}"
         self.head = (f"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\n"
-                     f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode()
+                     f"{extra}Connection: close\r\n\r\n").encode()
         self.hits = 0
         self.stop_event = threading.Event()
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -587,6 +590,28 @@ def test_slow_download_progress_keeps_moving(work_dir: Path,
     assert len(during) >= 4, run.progress
     assert len(set(during)) >= 3 and during == sorted(during), during
     assert 0 < during[-1] <= 0.08
+    assert [p["total_bytes"] for p in run.progress if p["stage"] == "download"][-1] == len(data)
+    assert_clean(work_dir)
+
+
+def test_download_without_content_length_still_shows_progress(
+        work_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Content-Length (the body ends at the connection's close): the bar still moves
+    during the download, the items say how many bytes arrived, and the job completes."""
+    monkeypatch.setenv("PROGRESS_INTERVAL_S", "0.2")
+    data, samples = input_bytes(2.0)
+    with TrickleServer(data, interval_s=0.2, piece=16 * 1024, content_length=False) as server:
+        run = run_in_process(url_job(server.url))
+    check_final(run.final, n_outputs=1)
+    out = run.final["outputs"][0]
+    check_audio(fetch(out["url"]), out, samples=samples, channels=1)
+    items = [p for p in run.progress if p["stage"] == "download"]
+    assert len(items) >= 4, run.progress
+    assert all(p["total_bytes"] is None for p in items), items
+    got = [p["downloaded_bytes"] for p in items]
+    assert got == sorted(got) and len(set(got)) >= 3 and 0 < got[-1] <= len(data), got
+    during = [p["progress"] for p in items]
+    assert during == sorted(during) and 0 < during[-1] < 0.08, during
     assert_clean(work_dir)
 
 

@@ -50,7 +50,7 @@ class JobPlan:
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
-        report("download", 0, 1)
+        report("download", 0, 0)  # total unknown until the response headers
         src = self._fetch(work / "input", report)
         timings["download"] = time.perf_counter() - t0
 

@@ -36,6 +36,9 @@ STAGE_SPAN = {
     "encode": (0.93, 0.95), "upload": (0.95, 1.0),
 }
 MAX_PROGRESS_EVENTS = 300
+# A download with no Content-Length has no fraction: its share of the bar fills as
+# done / (done + this), half at 4 MiB, and the item says how many bytes arrived.
+UNKNOWN_SIZE_HALF_BYTES = 4 << 20
 
 
 @dataclass
@@ -142,7 +145,12 @@ def _relay(events: queue.Queue) -> Iterator[dict]:
 
 def _progress_item(ev: _Event, elapsed: float, segments: tuple[int, int]) -> dict:
     lo, hi = STAGE_SPAN.get(ev.stage, (0.0, 1.0))
-    frac = min(1.0, ev.done / ev.total) if ev.total else 0.0
+    if ev.total:
+        frac = min(1.0, ev.done / ev.total)
+    elif ev.stage == "download":
+        frac = ev.done / (ev.done + UNKNOWN_SIZE_HALF_BYTES)
+    else:
+        frac = 0.0
     overall = lo + (hi - lo) * frac
     eta = elapsed * (1 - overall) / overall if overall > 0.15 else None
     item: dict[str, Any] = {
@@ -153,4 +161,6 @@ def _progress_item(ev: _Event, elapsed: float, segments: tuple[int, int]) -> dic
         "eta_s": round(eta, 1) if eta is not None else None,
     }
     item["completed_segments"], item["total_segments"] = segments
+    if ev.stage == "download":
+        item["downloaded_bytes"], item["total_bytes"] = ev.done, ev.total or None
     return item
