@@ -46,6 +46,10 @@ def db_status(data: Path) -> dict[str, tuple[str, int]]:
 # --- restart -----------------------------------------------------------------------------------
 
 
+def job_dirs(work: Path, job_id: str) -> list[Path]:
+    return sorted(p for p in work.glob(f"job-{job_id}-*") if len(p.name) == len(job_id) + 13)
+
+
 def test_kill9_restart_then_sigterm_drain(tmp_path: Path, audio: dict) -> None:
     """One data directory, three server processes (each start loads the model, so the
     scenarios share them):
@@ -71,10 +75,16 @@ def test_kill9_restart_then_sigterm_drain(tmp_path: Path, audio: dict) -> None:
     finally:
         first.kill9()
     assert db_status(data)[killed] == ("IN_PROGRESS", 1)
+    left = job_dirs(tmp_path / "work", killed)
+    assert len(left) == 1, left  # the dead process's temp folder (its input, partial stems)
+    bystander = tmp_path / "work" / f"job-{killed}x-abcd1234"  # another id's folder: kept
+    bystander.mkdir()
 
     second = ProcServer(data, tmp_path / "2.log", port=first.port, **common).start()
     try:
         c = second.client()
+        assert not left[0].exists(), "the restart left the killed job's work folder"
+        assert bystander.is_dir()
         assert c.status(done)["status"] == "COMPLETED"
         assert fetch(url) == result
         body = c.wait(killed, timeout_s=120)
@@ -84,7 +94,10 @@ def test_kill9_restart_then_sigterm_drain(tmp_path: Path, audio: dict) -> None:
         c.wait_separating(again)
     finally:
         second.kill9()
-    assert "re-queued 1 interrupted job(s), failed 0" in (tmp_path / "2.log").read_text()
+    assert "re-queued 1 interrupted job(s), failed 0; removed 1 work folder(s)" in \
+        (tmp_path / "2.log").read_text()
+    left = job_dirs(tmp_path / "work", again)
+    assert len(left) == 1, left
 
     third = ProcServer(data, tmp_path / "3.log", port=first.port, MAX_ATTEMPTS="1",
                        **common).start()
@@ -92,6 +105,7 @@ def test_kill9_restart_then_sigterm_drain(tmp_path: Path, audio: dict) -> None:
         c = third.client()
         body = c.status(again)
         assert body["status"] == "FAILED" and "interrupted" in body["error"], body
+        assert not left[0].exists(), "a job failed at restart kept its work folder"
         running = c.run({"audio_url": audio["long"]})
         waiting = c.run({"audio_url": audio["short"]})
         c.wait_separating(running)

@@ -61,6 +61,22 @@ def safe_id(job_id: str) -> str:
     return safe
 
 
+def remove_work_dirs(job_id: str) -> int:
+    """Delete the work folders a dead process left for this job id (``job-<safe id>-`` and
+    mkdtemp's 8 characters: another id that merely starts the same never matches)."""
+    name = re.compile(rf"job-{re.escape(safe_id(job_id))}-[a-z0-9_]{{8}}")
+    removed = 0
+    try:
+        entries = list(Path(config.work_dir()).iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if name.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def run_job(job: dict, cancel: threading.Event | None = None) -> Iterator[dict]:
     """Progress items, then one final item; never raises."""
     job_id = safe_id(str(job.get("id") or uuid.uuid4().hex))

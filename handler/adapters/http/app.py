@@ -59,8 +59,9 @@ class Service:
     def start(self) -> None:
         requeued, failed = self.store.recover(self.settings.max_attempts)
         if requeued or failed:
-            log.warning("restart: re-queued %d interrupted job(s), failed %d", len(requeued),
-                        len(failed))
+            swept = self.runner.sweep(requeued + failed)
+            log.warning("restart: re-queued %d interrupted job(s), failed %d; removed %d work "
+                        "folder(s) they left", len(requeued), len(failed), swept)
         if not self.settings.tokens:
             log.warning("!" * 72)
             log.warning("API_TOKEN is not set: every route is open to anyone who can reach "

@@ -25,7 +25,7 @@ from handler.adapters.http.store import (
     JobStore,
 )
 from handler.service.destinations import LocalResults
-from handler.service.runner import run_job
+from handler.service.runner import remove_work_dirs, run_job
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,11 @@ class Runner:
                 log.exception("job %s: runner failure", job.id)
                 self.store.finish(job.id, FAILED, "INTERNAL: the server failed running the job",
                                   only_from=(RUNNING,))
+
+    @staticmethod
+    def sweep(job_ids: list[str]) -> int:
+        """At start: the work folders of jobs a killed process was running."""
+        return sum(remove_work_dirs(job_id) for job_id in job_ids)
 
     def _job_dict(self, job: Job) -> dict:
         out = {"id": job.id, **job.request}
