@@ -24,6 +24,8 @@ from server_helpers import (
 )
 from worker_helpers import fetch
 
+from devtools.servers import LocalS3Server
+
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[None]:
@@ -277,3 +279,30 @@ def test_retention_janitor(tmp_path: Path, env: None) -> None:
             time.sleep(0.1)
         assert requests.get(url, timeout=10).status_code == 404
         assert not (tmp_path / "results" / job).exists()
+
+
+def test_s3config_credentials_leave_the_database_when_the_job_completes(
+        tmp_path: Path, env: None, s3_server: LocalS3Server) -> None:
+    """A job with RunPod's s3Config: the stems land in the bucket; afterwards neither the
+    SQLite file nor its WAL holds the credentials, and both are owner-only."""
+    bucket = s3_server.create_bucket()
+    secret = "s3cfg-secret-" + os.urandom(8).hex()
+    s3_config = {"accessId": "AKIASRVTEST0001", "accessSecret": secret, "bucketName": bucket,
+                 "endpointUrl": s3_server.endpoint_url}
+    with thread_server(tmp_path) as srv:
+        c = srv.client()
+        job = c.run(short_input(), s3Config=s3_config)
+        body = c.wait(job)
+        assert body["status"] == "COMPLETED", body
+        key = body["output"][-1]["outputs"][0]["key"]
+        assert s3_server.client().head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
+        files = sorted(tmp_path.glob("jobs.sqlite3*"))
+        assert {f.name for f in files} >= {"jobs.sqlite3", "jobs.sqlite3-wal"}, files
+        for f in files:
+            assert f.stat().st_mode & 0o077 == 0, (f, oct(f.stat().st_mode))
+        # The WAL still holds the page as first written: checkpoint and truncate it, as
+        # SQLite does on its own once the WAL grows, then nothing may be left anywhere.
+        with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for f in sorted(tmp_path.glob("jobs.sqlite3*")):
+            assert secret.encode() not in f.read_bytes(), f"{f.name} holds the secret"

@@ -7,6 +7,7 @@ SQLite allows one writer anyway. A ``JobStore`` is the only place that knows the
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -105,9 +106,27 @@ class Delivery:
     attempt: int
 
 
+_CREDENTIALS = ("accessId", "accessSecret")  # RunPod's s3Config keys
+REMOVED = "[removed when the job completed]"
+
+
+def _has_secrets(request: dict) -> bool:
+    s3 = request.get("s3Config")
+    return isinstance(s3, dict) and any(s3.get(k) not in (None, REMOVED) for k in _CREDENTIALS)
+
+
+def _without_secrets(request: dict) -> dict:
+    s3 = {**request["s3Config"], **{k: REMOVED for k in _CREDENTIALS}}
+    return {**request, "s3Config": s3}
+
+
 class JobStore:
     def __init__(self, path: Path, webhook_body: Callable[[JobStore, Job], dict]):
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Queued jobs hold callers' s3Config credentials: owner-only (SQLite gives its -wal
+        # and -shm files the database file's mode).
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        path.chmod(0o600)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
@@ -116,6 +135,7 @@ class JobStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA secure_delete=ON")  # overwritten credentials leave no residue
             self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -233,6 +253,10 @@ class JobStore:
                 return False
             job = self.get(job_id)
             assert job is not None
+            if status == COMPLETED and _has_secrets(job.request):
+                # Nothing reruns a completed job: its credentials need not outlive it.
+                self._db.execute("UPDATE jobs SET request = ? WHERE id = ?",
+                                 (json.dumps(_without_secrets(job.request)), job_id))
             if job.webhook:
                 self._db.execute(
                     "INSERT INTO deliveries (job_id, webhook_id, url, body, next_at, created_at)"
