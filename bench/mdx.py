@@ -310,6 +310,7 @@ def main() -> None:
         print(f"peak RSS {durations[-1]:.0f} s / {durations[0]:.0f} s: "
               f"{b['maxrss_mb'] / a['maxrss_mb']:.3f}")
     report["cpu"]["load_avg_end"] = os.getloadavg()
+    report["date"] = time.strftime("%Y-%m-%d")
     out = ROOT / "bench" / "results" / ("mdx.json" if args.device == "cpu" else "mdx_cuda.json")
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")
