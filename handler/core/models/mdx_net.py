@@ -176,10 +176,11 @@ def _ort():
 
 def session_options():
     """bench/mdx.py measures these: intra-op threads sized to the CPU quota (ORT's default
-    is one per host core, oversubscribed under a container quota), one inter-op thread (the
-    graph is a chain), all graph optimisations (basic only: 1.3x slower per chunk). The CPU
-    arena and memory-pattern planner are off by default: with them ORT keeps the peak of
-    every chunk's activations (several GB at HQ shapes) for the life of the session."""
+    is one per host core, oversubscribed under a container quota; 1 thread is 1.7x slower
+    than 2 on 2 cores), one inter-op thread (the graph is a chain), all graph optimisations.
+    The CPU arena and memory-pattern planner are off by default: with them ORT keeps a
+    chunk's peak activations for the life of the session (2.1 vs 1.3 GB at HQ shapes), and
+    under tcmalloc, which the images preload, they gain nothing per chunk."""
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = config.ort_threads()
