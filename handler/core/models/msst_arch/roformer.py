@@ -36,8 +36,12 @@ class _SpectralRoformer(nn.Module):
                  time_transformer_depth: int, freq_transformer_depth: int,
                  linear_transformer_depth: int, dim_head: int, heads: int, flash_attn: bool,
                  stft_n_fft: int, stft_hop_length: int, stft_win_length: int,
-                 stft_normalized: bool, norm_output: bool):
+                 stft_normalized: bool, norm_output: bool, skip_connection: bool,
+                 training_only: dict):
         super().__init__()
+        _reject_unknown(training_only)
+        if skip_connection:
+            raise ValueError("skip_connection: true is not supported")
         self.audio_channels = 2 if stereo else 1
         self.num_stems = num_stems
         common = dict(dim=dim, heads=heads, dim_head=dim_head, attn_dropout=0.0, ff_dropout=0.0,
@@ -115,16 +119,14 @@ class BSRoformer(_SpectralRoformer):
                  dim_freqs_in: int = 1025, stft_n_fft: int = 2048, stft_hop_length: int = 512,
                  stft_win_length: int = 2048, stft_normalized: bool = False,
                  mask_estimator_depth: int = 2, **training_only):
-        _reject_unknown(training_only)
-        if skip_connection:
-            raise ValueError("skip_connection: true is not supported")
         super().__init__(dim=dim, depth=depth, stereo=stereo, num_stems=num_stems,
                          time_transformer_depth=time_transformer_depth,
                          freq_transformer_depth=freq_transformer_depth,
                          linear_transformer_depth=linear_transformer_depth, dim_head=dim_head,
                          heads=heads, flash_attn=flash_attn, stft_n_fft=stft_n_fft,
                          stft_hop_length=stft_hop_length, stft_win_length=stft_win_length,
-                         stft_normalized=stft_normalized, norm_output=False)
+                         stft_normalized=stft_normalized, norm_output=False,
+                         skip_connection=skip_connection, training_only=training_only)
         freqs_per_bands = tuple(int(f) for f in freqs_per_bands)
         if len(freqs_per_bands) < 2 or sum(freqs_per_bands) != self.num_freqs:
             raise ValueError(f"freqs_per_bands must have 2+ bands summing to {self.num_freqs} "
@@ -191,16 +193,14 @@ class MelBandRoformer(_SpectralRoformer):
                  stft_win_length: int = 2048, stft_normalized: bool = False,
                  mask_estimator_depth: int = 1, match_input_audio_length: bool = False,
                  **training_only):
-        _reject_unknown(training_only)
-        if skip_connection:
-            raise ValueError("skip_connection: true is not supported")
         super().__init__(dim=dim, depth=depth, stereo=stereo, num_stems=num_stems,
                          time_transformer_depth=time_transformer_depth,
                          freq_transformer_depth=freq_transformer_depth,
                          linear_transformer_depth=0, dim_head=dim_head, heads=heads,
                          flash_attn=flash_attn, stft_n_fft=stft_n_fft,
                          stft_hop_length=stft_hop_length, stft_win_length=stft_win_length,
-                         stft_normalized=stft_normalized, norm_output=True)
+                         stft_normalized=stft_normalized, norm_output=True,
+                         skip_connection=skip_connection, training_only=training_only)
         self.match_input_audio_length = match_input_audio_length
         member = torch.from_numpy(mel_band_membership(sample_rate, stft_n_fft, num_bands))
         if not bool(member.any(dim=0).all()):
