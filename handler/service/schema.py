@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, mod
 from handler.core.request import SeparationRequest, describe_validation
 from handler.errors import InvalidInput
 
-_SECRET_FIELDS = ("accessSecret", "accessId")
+S3_CONFIG_SECRETS = ("accessSecret", "accessId")  # never echoed, scrubbed when stored
 
 
 class S3Config(BaseModel):
@@ -94,7 +94,7 @@ def parse_s3_config(raw: Any) -> S3Config | None:
     try:
         return S3Config.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidInput("s3Config: " + describe_validation(exc, _SECRET_FIELDS)) from None
+        raise InvalidInput("s3Config: " + describe_validation(exc, S3_CONFIG_SECRETS)) from None
 
 
 def decode_base64_audio(text: str, max_bytes: int) -> bytes:

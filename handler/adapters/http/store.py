@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from handler.service.schema import S3_CONFIG_SECRETS
+
 QUEUED, RUNNING = "IN_QUEUE", "IN_PROGRESS"
 COMPLETED, FAILED, CANCELLED, TIMED_OUT = "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"
 TERMINAL = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
@@ -106,17 +108,16 @@ class Delivery:
     attempt: int
 
 
-_CREDENTIALS = ("accessId", "accessSecret")  # RunPod's s3Config keys
 REMOVED = "[removed when the job completed]"
 
 
 def _has_secrets(request: dict) -> bool:
     s3 = request.get("s3Config")
-    return isinstance(s3, dict) and any(s3.get(k) not in (None, REMOVED) for k in _CREDENTIALS)
+    return isinstance(s3, dict) and any(s3.get(k) not in (None, REMOVED) for k in S3_CONFIG_SECRETS)
 
 
 def _without_secrets(request: dict) -> dict:
-    s3 = {**request["s3Config"], **{k: REMOVED for k in _CREDENTIALS}}
+    s3 = {**request["s3Config"], **{k: REMOVED for k in S3_CONFIG_SECRETS}}
     return {**request, "s3Config": s3}
 
 
