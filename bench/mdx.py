@@ -157,41 +157,32 @@ def case_theirs(wav: str, out: str) -> dict:
     return {"seconds": seconds}
 
 
-def case_tune(configs: list[dict]) -> dict:
-    """Seconds per [batch, 4, 2560, 256] network call under each ONNX Runtime setting."""
+def case_tune(cfg: dict) -> dict:
+    """Seconds per [batch, 4, 2560, 256] network call under one ONNX Runtime setting."""
     import numpy as np
     import onnxruntime as ort
 
-    rows = []
-    path = WORK / "models" / f"{NAME}.onnx"
-    for cfg in configs:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cfg["threads"]
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg["opt"])
-        opts.enable_cpu_mem_arena = cfg["arena"]
-        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
-                     if os.environ.get("DEVICE") == "cuda" else ["CPUExecutionProvider"])
-        sess = ort.InferenceSession(str(path), opts, providers=providers)
-        assert sess.get_providers()[0] == providers[0], sess.get_providers()
-        x = np.random.default_rng(0).standard_normal((cfg["batch"], 4, 2560, 256), np.float32)
-        sess.run(None, {"input": x})  # warm-up (arena, kernels)
-        times = []
-        for _ in range(cfg.get("reps", 2)):
-            t = time.perf_counter()
-            sess.run(None, {"input": x})
-            times.append(time.perf_counter() - t)
-        rows.append({**cfg, "s_per_chunk": min(times) / cfg["batch"]})
-        del sess
-    return {"rows": rows}
-
-
-def case_tune_one(cfg: dict) -> dict:
-    return case_tune([cfg])["rows"][0]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cfg["threads"]
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, cfg["opt"])
+    opts.enable_cpu_mem_arena = cfg["arena"]
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                 if os.environ.get("DEVICE") == "cuda" else ["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(WORK / "models" / f"{NAME}.onnx"), opts, providers=providers)
+    assert sess.get_providers()[0] == providers[0], sess.get_providers()
+    x = np.random.default_rng(0).standard_normal((cfg["batch"], 4, 2560, 256), np.float32)
+    sess.run(None, {"input": x})  # warm-up (arena, kernels)
+    times = []
+    for _ in range(cfg.get("reps", 2)):
+        t = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append(time.perf_counter() - t)
+    return {**cfg, "s_per_chunk": min(times) / cfg["batch"]}
 
 
 def child_main(mode: str, args: dict) -> None:
-    fn = {"ours": case_ours, "theirs": case_theirs, "tune": case_tune_one}[mode]
+    fn = {"ours": case_ours, "theirs": case_theirs, "tune": case_tune}[mode]
     out = fn(**args)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec from the parent.
     status = Path("/proc/self/status").read_text().splitlines()
@@ -275,13 +266,12 @@ def main() -> None:
         # The arena's cost depends on the allocator under it: the images preload tcmalloc.
         arenas = [dict(threads=quota, opt="ORT_ENABLE_ALL", arena=a, batch=1)
                   for a in (True, False)]
-        rows += [{**r, "allocator": "tcmalloc"}
-                 for r in (child("tune", tcmalloc_preload=True, cfg=c) for c in arenas)]
+        rows += [child("tune", tcmalloc_preload=True, cfg=c) for c in arenas]
         report["tune"] = rows
         print("ONNX Runtime options, one [b, 4, 2560, 256] call (s per chunk, peak RSS):")
         for r in rows:
             print(f"  threads={r['threads']} {r['opt']:<17} arena={r['arena']!s:<5} "
-                  f"batch={r['batch']} {r.get('allocator', 'glibc'):<8}: "
+                  f"batch={r['batch']} {r['allocator']:<8}: "
                   f"{r['s_per_chunk']:.2f} s, {r['maxrss_mb']:.0f} MB")
 
     for i, seconds in enumerate(durations):
