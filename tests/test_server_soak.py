@@ -25,7 +25,7 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_server_soak(tmp_path: Path) -> None:
     assert SOAK_JOBS >= 2 * WINDOW + 5
     work = tmp_path / "work"

@@ -34,7 +34,7 @@ def wav(seconds: float, seed: int) -> tuple[bytes, int]:
     return input_bytes(seconds, "wav", seed)
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 def test_soak(tmp_path: Path) -> None:
     assert SOAK_JOBS >= 2 * WINDOW, "SOAK_JOBS must be at least 20"
     work = tmp_path / "work"
